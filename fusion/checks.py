@@ -1,0 +1,247 @@
+"""Input validation shared by every public function: architectures, devices, finiteness, data.
+
+Each check raises the matching :mod:`fusion.errors` type with a message naming the argument,
+parameter or shape at fault, and never modifies what it checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import (
+    ArchitectureMismatchError,
+    DataError,
+    DeviceMismatchError,
+    EnsembleError,
+    ExampleInputError,
+    NonFiniteWeightsError,
+)
+
+__all__ = [
+    "check_models",
+    "check_same_architecture",
+    "check_finite",
+    "check_same_device",
+    "model_device",
+    "model_dtype",
+    "run_model",
+    "iter_batches",
+    "split_batch",
+    "move_inputs",
+    "eval_mode",
+]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model without tensors)."""
+    for tensor in _tensors(model):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter or buffer (float32 if none)."""
+    for tensor in _tensors(model):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def _tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    yield from model.parameters()
+    yield from model.buffers()
+
+
+def _label(names: Sequence[str] | None, index: int) -> str:
+    if names is not None and index < len(names):
+        return names[index]
+    return f"models[{index}]"
+
+
+def check_same_architecture(models: Sequence[nn.Module], names: Sequence[str] | None = None) -> None:
+    """Raise :class:`ArchitectureMismatchError` naming the first parameter/buffer that differs.
+
+    Two models share an architecture here when their state dicts have the same keys in the
+    same order with the same shapes.
+    """
+    reference = models[0].state_dict()
+    for k in range(1, len(models)):
+        other = models[k].state_dict()
+        a, b = _label(names, 0), _label(names, k)
+        for key in reference:
+            if key not in other:
+                raise ArchitectureMismatchError(f"{b} has no parameter or buffer {key!r}, which {a} has")
+            if reference[key].shape != other[key].shape:
+                raise ArchitectureMismatchError(
+                    f"{key!r} has shape {tuple(reference[key].shape)} in {a} "
+                    f"but {tuple(other[key].shape)} in {b}"
+                )
+        for key in other:
+            if key not in reference:
+                raise ArchitectureMismatchError(f"{a} has no parameter or buffer {key!r}, which {b} has")
+
+
+def check_finite(model: nn.Module, name: str = "model") -> None:
+    """Raise :class:`NonFiniteWeightsError` if any floating parameter or buffer holds NaN/inf."""
+    for key, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteWeightsError(
+                f"{name}: {key!r} (shape {tuple(tensor.shape)}) has {bad} non-finite value(s)"
+            )
+
+
+def check_same_device(models: Sequence[nn.Module], names: Sequence[str] | None = None) -> torch.device:
+    """Raise :class:`DeviceMismatchError` unless every model lives on one device with one dtype.
+
+    Returns:
+        The common device.
+    """
+    device, dtype = model_device(models[0]), model_dtype(models[0])
+    for k, model in enumerate(models):
+        for key, tensor in model.state_dict().items():
+            if tensor.device != device:
+                raise DeviceMismatchError(
+                    f"{_label(names, k)}: {key!r} is on {tensor.device}, but {_label(names, 0)} is on "
+                    f"{device}; move all models to one device first"
+                )
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                raise DeviceMismatchError(
+                    f"{_label(names, k)}: {key!r} has dtype {tensor.dtype}, but {_label(names, 0)} uses "
+                    f"{dtype}; convert all models to one dtype first"
+                )
+    return device
+
+
+def check_models(
+    models: Sequence[nn.Module],
+    names: Sequence[str] | None = None,
+    min_count: int = 1,
+    finite: bool = True,
+) -> torch.device:
+    """Run the usual checks on a list of models that must share an architecture and a device.
+
+    Args:
+        models: the models.
+        names: how to call them in messages (default ``models[i]``).
+        min_count: the least number of models accepted (raises :class:`EnsembleError`).
+        finite: also check that weights are finite.
+
+    Returns:
+        The common device.
+    """
+    if isinstance(models, nn.Module):
+        raise EnsembleError("expected a list of models, got a single nn.Module")
+    models = list(models)
+    if len(models) < min_count:
+        raise EnsembleError(f"expected at least {min_count} model(s), got {len(models)}")
+    for k, model in enumerate(models):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{_label(names, k)} is a {type(model).__name__}, not an nn.Module")
+    check_same_architecture(models, names)
+    device = check_same_device(models, names)
+    if finite:
+        for k, model in enumerate(models):
+            check_finite(model, _label(names, k))
+    return device
+
+
+def move_inputs(inputs: Any, device: torch.device | str) -> Any:
+    """Move a tensor, or tensors nested in tuples/lists/dicts, to ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: move_inputs(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(move_inputs(v, device) for v in inputs)
+    return inputs
+
+
+def run_model(model: nn.Module, inputs: Any, argument: str = "example_inputs") -> Any:
+    """Call ``model`` on ``inputs`` (a tensor, a tuple/list of positional args or a dict of kwargs).
+
+    Errors raised by the model's forward for shape/dtype reasons are re-raised as
+    :class:`ExampleInputError` naming ``argument`` and the input shapes.
+    """
+    try:
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        if isinstance(inputs, (list, tuple)):
+            return model(*inputs)
+        return model(inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise ExampleInputError(
+            f"the model rejected {argument} of shape {describe_shapes(inputs)}: {exc}"
+        ) from exc
+
+
+def describe_shapes(inputs: Any) -> str:
+    """A short human-readable description of the shapes of (nested) tensors."""
+    if isinstance(inputs, torch.Tensor):
+        return str(tuple(inputs.shape))
+    if isinstance(inputs, dict):
+        return "{" + ", ".join(f"{k}: {describe_shapes(v)}" for k, v in inputs.items()) + "}"
+    if isinstance(inputs, (list, tuple)):
+        return "(" + ", ".join(describe_shapes(v) for v in inputs) + ")"
+    return type(inputs).__name__
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """Split a data batch into ``(inputs, targets)``; targets is None for an unlabeled batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, (list, tuple)) and len(batch) == 1:
+        return batch[0], None
+    if isinstance(batch, dict):
+        return batch, None
+    raise DataError(
+        f"cannot read a batch of type {type(batch).__name__}: expected a tensor or an (inputs, targets) pair"
+    )
+
+
+def iter_batches(data: Any, argument: str = "data") -> Iterator[tuple[Any, Any]]:
+    """Iterate ``(inputs, targets)`` over ``data``.
+
+    ``data`` may be a DataLoader or any iterable of batches (tensors or ``(x, y)`` pairs), or a
+    single tensor (one unlabeled batch). Raises :class:`DataError` if it yields nothing.
+    """
+    if data is None:
+        raise DataError(f"{argument} is required here but was None")
+    if isinstance(data, torch.Tensor):
+        if data.numel() == 0:
+            raise DataError(f"{argument} is an empty tensor")
+        yield data, None
+        return
+    if not isinstance(data, Iterable):
+        raise DataError(f"{argument} must be a DataLoader, an iterable of batches or a tensor, got {type(data).__name__}")
+    empty = True
+    for batch in data:
+        empty = False
+        yield split_batch(batch)
+    if empty:
+        raise DataError(f"{argument} yielded no batches")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` (and all submodules) in eval mode, restoring each module's own mode on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` (parameters, buffers, hooks and attributes)."""
+    return copy.deepcopy(model)
