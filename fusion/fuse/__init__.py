@@ -1,0 +1,1 @@
+"""fusion.fuse subpackage (public names are re-exported from fusion/__init__.py)."""
