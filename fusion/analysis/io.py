@@ -1,0 +1,133 @@
+"""Atomic writing and reading of analysis results (``.npz`` arrays, JSON summaries, figures).
+
+Every file the analysis layer writes goes through :func:`atomic_path`: the content is first
+written to a hidden temporary file in the destination folder and then moved over the
+destination with :func:`os.replace`, so a crash or an exception mid-write never leaves a
+half-written result, and an existing file is either fully replaced or left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CheckpointError, DataError
+
+__all__ = ["atomic_path", "save_json", "load_json", "save_npz", "load_npz", "to_jsonable"]
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success move it over ``path`` atomically.
+
+    The temporary file keeps ``path``'s suffix, so writers that infer the format from the
+    name (matplotlib, Pillow) behave as for ``path`` itself. The parent folder is created if
+    needed. If the body raises, the temporary file is removed and ``path`` is untouched.
+
+    Example:
+        >>> with atomic_path("out/summary.json") as tmp:  # doctest: +SKIP
+        ...     tmp.write_text("{}")
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise CheckpointError(f"cannot write {str(target)!r}: it is a folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {str(target)!r}: {exc}") from exc
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    logger.debug("wrote %s", target)
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert numpy scalars/arrays, paths and tuples (nested) into plain JSON types.
+
+    Non-finite floats become the strings ``"inf"``, ``"-inf"`` and ``"nan"`` so the result is
+    strict JSON.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def save_json(obj: Any, path: PathLike) -> Path:
+    """Write ``obj`` (converted by :func:`to_jsonable`) as indented JSON, atomically.
+
+    Returns:
+        The path written.
+    """
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def load_json(path: PathLike) -> Any:
+    """Read a JSON file written by :func:`save_json` (raises :class:`DataError` if unreadable)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read JSON file {str(path)!r}: {exc}") from exc
+
+
+def save_npz(path: PathLike, arrays: Mapping[str, Any]) -> Path:
+    """Write ``arrays`` (name -> array-like) to an uncompressed ``.npz`` file, atomically.
+
+    Unlike :func:`numpy.savez`, the file name is used exactly as given (no ``.npz`` appended).
+    """
+    converted = {name: np.asarray(value) for name, value in arrays.items()}
+    for name, array in converted.items():
+        if array.dtype == object:
+            raise DataError(f"array {name!r} for {str(path)!r} has dtype object and cannot be saved")
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **converted)
+    return Path(path)
+
+
+def load_npz(path: PathLike, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Read every array of an ``.npz`` file into a dict, checking that ``required`` names exist.
+
+    Raises:
+        DataError: if the file is missing, unreadable or lacks a required array.
+    """
+    try:
+        with np.load(Path(path), allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read .npz file {str(path)!r}: {exc}") from exc
+    missing = [name for name in required if name not in arrays]
+    if missing:
+        raise DataError(f"{str(path)!r} lacks the array(s) {missing}; it holds {sorted(arrays)}")
+    return arrays
