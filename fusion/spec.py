@@ -332,8 +332,8 @@ class _Draft:
     """A torch-pruning group translated into tensor axes, not yet split into units."""
 
     entries: list[_Entry] = field(default_factory=list)
-    producers: list[str] = field(default_factory=list)
-    consumers: list[str] = field(default_factory=list)
+    producers: list[tuple[str, dict[int, list[int]]]] = field(default_factory=list)  # (name, root mapping)
+    consumers: list[tuple[str, dict[int, list[int]]]] = field(default_factory=list)
     lockstep: list[tuple[dict[int, list[int]], int]] = field(default_factory=list)  # (mapping, block)
     partitions: list[dict[int, int]] = field(default_factory=list)  # root -> block it must stay in
     depthwise_in: list[str] = field(default_factory=list)
@@ -365,7 +365,7 @@ def _draft_group(graph: tp.DependencyGraph, tp_group: Any, canonical: dict[str, 
             key = canonical.get(graph._param_to_name[node.module], graph._param_to_name[node.module])
             axis = node.pruning_dim % node.module.dim()
             draft.entries.append(_Entry(key, axis, mapping))
-            draft.producers.append(key)
+            draft.producers.append((key, mapping))
             continue
         module = node.module
         name = graph._module2name[module]
@@ -375,11 +375,11 @@ def _draft_group(graph: tp.DependencyGraph, tp_group: Any, canonical: dict[str, 
         if is_out:
             draft.out_modules.add(name)
             if isinstance(module, _LAYERS):
-                draft.producers.append(name)
+                draft.producers.append((name, mapping))
         elif isinstance(module, _LAYERS):
-            draft.consumers.append(name)
+            draft.consumers.append((name, mapping))
         if isinstance(module, nn.MultiheadAttention):
-            draft.consumers.append(name)
+            draft.consumers.append((name, mapping))
         if rule.lockstep == 0:
             draft.depthwise_in.append(name)
         if is_out and isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.out_channels:
@@ -441,24 +441,28 @@ def _member_index(entry: _Entry, units: list[list[int]]) -> torch.Tensor | None:
     return index
 
 
-def _groups_from_draft(draft: _Draft, name: str) -> list[PermutationGroup]:
+def _groups_from_draft(draft: _Draft, order: dict[str, int]) -> list[PermutationGroup]:
     """Split a draft into permutation groups: one per set of units read by the same tensors."""
     missing = [m for m in draft.depthwise_in if m not in draft.out_modules]
     if missing:
         raise _Unsupported(f"depthwise convolution {missing[0]} is coupled to its input only")
     units = _units(draft)
-    # Units covered by exactly the same tensors can be permuted among themselves.
     if draft.partitions and any(len(unit) > 1 for unit in units):
         raise _Unsupported("units are read by one grouped layer and written by another")
+    # Units covered by exactly the same tensors (and conv groups) can be permuted among themselves.
     signature: dict[tuple, list[int]] = defaultdict(list)
     for u, unit in enumerate(units):
         covered = tuple(i for i, e in enumerate(draft.entries) if any(r in e.mapping for r in unit))
         blocks = tuple(part.get(unit[0], -1) for part in draft.partitions)
         signature[(covered, blocks)].append(u)
-    cells = sorted(signature.items(), key=lambda kv: kv[1][0])
-    groups = []
-    for (covered, _), cell in cells:
+    drafts = []
+    for (covered, _), cell in sorted(signature.items(), key=lambda kv: kv[1][0]):
         cell_units = [units[u] for u in cell]
+        roots = {r for unit in cell_units for r in unit}
+        producers = [n for n, mp in draft.producers if roots & mp.keys()]
+        consumers = [n for n, mp in draft.consumers if roots & mp.keys()]
+        if len(cell) < 2 or not consumers:
+            continue
         merged: dict[tuple[str, int], torch.Tensor] = {}
         for i in covered:
             entry = draft.entries[i]
@@ -469,17 +473,19 @@ def _groups_from_draft(draft: _Draft, name: str) -> list[PermutationGroup]:
             if key in merged and not torch.equal(merged[key], index):
                 raise _Unsupported(f"{entry.key} (axis {entry.axis}) is reached along two different paths")
             merged[key] = index
-        if len(cell) < 2:
-            continue
-        suffix = "" if len(cells) == 1 else f"[{cell[0]}:{cell[-1] + 1}]"
-        members = tuple(AxisMember(k, a, idx) for (k, a), idx in merged.items())
+        base = _first_in_module_order(producers or [k for k, _ in merged], order)
+        drafts.append((base, cell, tuple(merged.items()), producers, consumers))
+    bases = [d[0] for d in drafts]
+    groups = []
+    for base, cell, merged, producers, consumers in drafts:
+        name = base if bases.count(base) == 1 else f"{base}[{cell[0]}:{cell[-1] + 1}]"
         groups.append(
             PermutationGroup(
-                name=name + suffix,
+                name=name,
                 size=len(cell),
-                members=members,
-                producers=tuple(dict.fromkeys(draft.producers)),
-                consumers=tuple(dict.fromkeys(draft.consumers)),
+                members=tuple(AxisMember(k, a, idx) for (k, a), idx in merged),
+                producers=tuple(dict.fromkeys(producers)),
+                consumers=tuple(dict.fromkeys(consumers)),
             )
         )
     return groups
@@ -744,7 +750,7 @@ def permutation_spec(
             continue
         if not draft.entries:
             continue
-        name = _first_in_module_order(draft.producers or [e.key for e in draft.entries], order)
+        name = _first_in_module_order([n for n, _ in draft.producers] or [e.key for e in draft.entries], order)
         if draft.out_modules & ignored_names:
             skipped.append(SkippedGroup(name, draft.size, "ignored by the caller (ignored_layers)"))
         elif draft.reaches_output:
@@ -753,7 +759,7 @@ def permutation_spec(
             skipped.append(SkippedGroup(name, draft.size, "no layer reads these units"))
         else:
             try:
-                groups.extend(_groups_from_draft(draft, name))
+                groups.extend(_groups_from_draft(draft, order))
             except _Unsupported as exc:
                 skipped.append(SkippedGroup(name, draft.size, str(exc)))
 

@@ -1,0 +1,224 @@
+"""The permutation spec: which axes move together, what is refused, and why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from conftest import EQUIV_TOL
+from hand_models import MLP, Chunk, Concat, Depthwise, Grouped, Residual, TiedEmbedding, randomize_bn, tiny_vit
+from torch import nn
+
+import fusion
+from fusion.errors import ExampleInputError, PermutationError, SpecMismatchError, TraceError
+
+IMAGE = torch.randn(2, 3, 8, 8)
+
+HAND_MODELS = {
+    "mlp": (MLP, torch.randn(3, 8)),
+    "residual": (Residual, IMAGE),
+    "concat": (Concat, IMAGE),
+    "chunk": (Chunk, IMAGE),
+    "depthwise": (Depthwise, IMAGE),
+    "grouped": (Grouped, IMAGE),
+    "vit": (tiny_vit, torch.randn(2, 3, 16, 16)),
+}
+
+
+def build(name):
+    factory, x = HAND_MODELS[name]
+    model = factory()
+    if x.is_floating_point():
+        randomize_bn(model, x)
+    return model.eval(), x
+
+
+def axes(spec):
+    return {(m.name, m.axis) for g in spec.groups for m in g.members}
+
+
+@pytest.mark.parametrize("name", sorted(HAND_MODELS))
+def test_random_permutation_preserves_function(name):
+    model, x = build(name)
+    spec = fusion.permutation_spec(model, x)
+    assert spec.groups, "every hand model has permutable hidden units"
+    permuted = fusion.permute(model, fusion.random_permutation(spec, seed=3), spec)
+    assert fusion.verify_equivalence(model, permuted, x) <= EQUIV_TOL
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), permuted.state_dict().values()))
+
+
+def test_mlp_has_one_group_per_hidden_layer_and_keeps_inputs_and_logits():
+    model, x = build("mlp")
+    spec = fusion.permutation_spec(model, x)
+    assert [g.size for g in spec.groups] == [16, 12]
+    assert ("layers.0.weight", 1) not in axes(spec)  # input features stay
+    assert ("layers.2.weight", 0) not in axes(spec)  # logits stay
+    assert [s.name for s in spec.skipped] == ["layers.2"]
+    assert "output" in spec.skipped[0].reason
+    first = spec.group("layers.0")
+    assert set(first.axes) == {("layers.0.weight", 0), ("layers.0.bias", 0), ("layers.1.weight", 1)}
+
+
+def test_residual_stream_is_one_group_with_batchnorm_statistics():
+    model, x = build("residual")
+    spec = fusion.permutation_spec(model, x)
+    stream = spec.group("stem.0")
+    for key in ["stem.0.weight", "stem.1.running_mean", "stem.1.running_var", "a2.weight", "b1.weight", "short.weight"]:
+        assert any(m.name == key for m in stream.members), key
+    assert ("a2.weight", 0) in stream.axes and ("a1.weight", 1) in stream.axes
+    wide = spec.group("b2")
+    assert ("short.weight", 0) in wide.axes and ("bn.running_var", 0) in wide.axes and ("head.weight", 1) in wide.axes
+
+
+def test_concat_slices_are_permuted_within_their_offsets():
+    model, x = build("concat")
+    spec = fusion.permutation_spec(model, x)
+    left, right = spec.group("left"), spec.group("right")
+    mix_left = next(m for m in left.members if m.name == "mix.weight")
+    mix_right = next(m for m in right.members if m.name == "mix.weight")
+    assert mix_left.index.flatten().tolist() == [0, 1, 2, 3]
+    assert mix_right.index.flatten().tolist() == [4, 5, 6, 7, 8, 9]
+    flatten = next(m for m in spec.group("mix").members if m.name == "fc.weight")
+    assert flatten.index.shape == (5, 16)  # one channel is a block of 4x4 features
+
+
+def test_chunk_is_split_per_consumer_or_refused_never_wrong():
+    # torch-pruning 1.6 maps torch.chunk's halves to the wrong consumers; verification must catch it.
+    model, x = build("chunk")
+    spec = fusion.permutation_spec(model, x)
+    halves = [g for g in spec.groups if g.name.startswith("conv")]
+    refused = [s for s in spec.skipped if s.name.startswith("conv")]
+    assert sorted(g.size for g in halves + refused) == [4, 4]
+    assert all("changed the output" in s.reason for s in refused)
+    permuted = fusion.permute(model, fusion.random_permutation(spec, seed=5), spec)
+    assert fusion.verify_equivalence(model, permuted, x) <= EQUIV_TOL
+
+
+def test_unverified_spec_would_have_been_wrong_on_chunk():
+    model, x = build("chunk")
+    spec = fusion.permutation_spec(model, x, verify=False)
+    permuted = fusion.permute(model, fusion.random_permutation(spec, seed=5), spec)
+    assert fusion.verify_equivalence(model, permuted, x) > 1e-3
+
+
+def test_depthwise_conv_moves_with_its_producer():
+    model, x = build("depthwise")
+    spec = fusion.permutation_spec(model, x)
+    expand = spec.group("expand.0")
+    assert ("dw.0.weight", 0) in expand.axes and ("dw.0.weight", 1) not in expand.axes
+    assert ("project.0.weight", 1) in expand.axes  # the depthwise conv keeps the expanded units
+
+
+def test_grouped_conv_keeps_channels_inside_their_conv_group():
+    model, x = build("grouped")
+    spec = fusion.permutation_spec(model, x)
+    reduce = spec.group("reduce")  # read by the grouped conv: lock-step inside the 3 groups
+    assert reduce.size == 4
+    gn = next(m for m in reduce.members if m.name == "gn.weight")
+    assert gn.index.tolist() == [[0, 4, 8], [1, 5, 9], [2, 6, 10], [3, 7, 11]]
+    out_groups = [g for g in spec.groups if g.name.startswith("grouped")]
+    assert len(out_groups) == 3 and all(g.size == 4 for g in out_groups)  # one per conv group
+
+
+def test_vit_moves_class_token_positional_embedding_and_attention_heads():
+    model, x = build("vit")
+    spec = fusion.permutation_spec(model, x)
+    stream = spec.group("conv_proj")
+    assert ("class_token", 2) in stream.axes and ("encoder.pos_embedding", 2) in stream.axes
+    kinds = {g.kind for g in spec.groups}
+    assert {"channels", "head_qk", "head_v", "heads"} <= kinds
+    qk = spec.group("encoder.layers.encoder_layer_0.self_attention.head1.qk")
+    assert qk.members[0].index[0].tolist() == [8, 24]  # q row 8 and k row 8 move together
+
+
+def test_tied_weights_never_produce_a_wrong_permutation():
+    model = TiedEmbedding().eval()
+    tokens = torch.randint(0, 11, (2, 5))
+    spec = fusion.permutation_spec(model, tokens)
+    permuted = fusion.permute(model, fusion.random_permutation(spec, seed=1), spec)
+    assert fusion.verify_equivalence(model, permuted, tokens) <= EQUIV_TOL
+    assert spec.group("hidden").size == 16
+
+
+def test_ignored_layers_are_left_in_place():
+    model, x = build("mlp")
+    spec = fusion.permutation_spec(model, x, ignored_layers=["layers.0"])
+    assert "layers.0" not in spec
+    assert any(s.name == "layers.0" and "ignored" in s.reason for s in spec.skipped)
+
+
+def test_spec_does_not_touch_the_model():
+    model, x = build("residual")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fusion.permutation_spec(model, x)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_spec_is_reusable_for_another_model_of_the_architecture():
+    model, x = build("residual")
+    spec = fusion.permutation_spec(model, x)
+    other, _ = build("residual")
+    permuted = fusion.permute(other, fusion.random_permutation(spec), spec)
+    assert fusion.verify_equivalence(other, permuted, x) <= EQUIV_TOL
+
+
+def test_spec_from_another_architecture_is_refused():
+    spec = fusion.permutation_spec(*build("residual"))
+    model, _ = build("concat")
+    with pytest.raises(SpecMismatchError, match="another architecture|spec expects"):
+        fusion.permute(model, {}, spec)
+
+
+def test_wrong_example_input_shape_names_the_shape():
+    model, _ = build("mlp")
+    with pytest.raises(ExampleInputError, match=r"\(3, 5\)"):
+        fusion.permutation_spec(model, torch.randn(3, 5))
+
+
+class ReturnsPython(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return float(self.fc(x).sum())
+
+
+def test_untraceable_model_raises_trace_error():
+    with pytest.raises(TraceError, match="ReturnsPython"):
+        fusion.permutation_spec(ReturnsPython(), torch.randn(2, 4))
+
+
+def test_unknown_group_and_layer_names_are_reported():
+    model, x = build("residual")
+    spec = fusion.permutation_spec(model, x)
+    with pytest.raises(PermutationError, match="no permutation group named 'nope'"):
+        spec.group("nope")
+    with pytest.raises(PermutationError, match="no layer named 'nope'"):
+        spec.group_of_layer("nope")
+    with pytest.raises(PermutationError, match="output"):
+        spec.group_of_layer("head")
+
+
+def test_summary_lists_groups_and_skipped_reasons():
+    spec = fusion.permutation_spec(*build("mlp"))
+    text = spec.summary()
+    assert "layers.0" in text and "skipped layers.2" in text
+
+
+@pytest.mark.parametrize("width", [4, 8])
+def test_coverage_reports_changed_parameters(width):
+    model = MLP((8, width, width, 3)).eval()
+    cov = fusion.permutation_coverage(model, torch.randn(2, 8))
+    assert cov.groups == 2 and cov.hidden_groups_permuted == 1.0
+    assert 0.5 < cov.params_changed <= 1.0 and cov.max_rel_diff <= EQUIV_TOL
+
+
+def test_resnet18_spec_on_real_model():
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10), torch.randn(1, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    spec = fusion.permutation_spec(model, x)
+    assert len(spec.groups) == 12
+    assert [s.name for s in spec.skipped] == ["fc"]
