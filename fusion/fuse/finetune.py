@@ -255,36 +255,22 @@ def _restored_modes(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def finetune(
-    model: nn.Module,
-    data: Any,
-    epochs: int = 1,
-    lr: float = 1e-3,
-    optimizer: str = "adam",
-    weight_decay: float = 0.0,
-    loss_fn: LossFn | None = None,
-    seed: int = 0,
-    progress: bool = True,
-    inplace: bool = False,
-    max_steps: int | None = None,
-    **kwargs: Any,
-) -> nn.Module:
-    """Train ``model`` on ``data`` and return the trained copy (see :func:`finetune_with_history`).
+def finetune(model: nn.Module, data: Any, epochs: int = 1, lr: float = 1e-3, **kwargs: Any) -> nn.Module:
+    """Train ``model`` on ``data`` and return the trained copy: :func:`finetune_with_history` without the curve.
 
     Args:
         model: the model (not modified unless ``inplace=True``).
         data: labelled batches.
-        epochs, lr, optimizer, weight_decay, loss_fn, seed, progress, inplace, max_steps: as for
-            :func:`finetune_with_history`.
-        **kwargs: ``momentum``, ``schedule``, ``eval_data``, ``eval_every`` as for :func:`finetune_with_history`.
+        epochs: passes over ``data``.
+        lr: learning rate.
+        **kwargs: ``optimizer`` ("adam" | "adamw" | "sgd"), ``weight_decay``, ``momentum``, ``loss_fn``,
+            ``seed``, ``progress``, ``inplace``, ``max_steps``, ``schedule``, ``eval_data``, ``eval_every``,
+            as for :func:`finetune_with_history`.
 
     Returns:
         The trained model.
     """
-    return finetune_with_history(
-        model, data, epochs=epochs, lr=lr, optimizer=optimizer, weight_decay=weight_decay, loss_fn=loss_fn,
-        seed=seed, progress=progress, inplace=inplace, max_steps=max_steps, **kwargs,
-    ).model
+    return finetune_with_history(model, data, epochs=epochs, lr=lr, **kwargs).model
 
 
 #: Training from scratch is the same loop: ``train_model(model, data, epochs, lr, seed=...)``.
