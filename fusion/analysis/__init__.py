@@ -1,1 +1,44 @@
-"""fusion.analysis subpackage (public names are re-exported from fusion/__init__.py)."""
+"""Analysis of models and of paths between them (public names are re-exported from fusion/__init__.py).
+
+* :mod:`.interpolation`: loss/accuracy along the straight line, and the barrier on it;
+* :mod:`.distances`: per-parameter / per-layer weight distances (raw, normalized, relative L2);
+* :mod:`.curves`: Bézier mode-connecting curves (Garipov et al. 2018) and their evaluation;
+* :mod:`.plots`: interpolation figures, distance heatmaps and animated GIFs;
+* :mod:`.io`: atomic writing of ``.npz`` / JSON results.
+"""
+
+from __future__ import annotations
+
+from .curves import (
+    BezierCurve,
+    CurveEvaluation,
+    bernstein_weights,
+    evaluate_curve,
+    load_curve_evaluation,
+    train_bezier_curve,
+)
+from .distances import METRICS, LayerDistances, layer_distances, state_dict_distances
+from .interpolation import InterpolationCurve, barrier, interpolation_curve, load_interpolation_curve
+from .plots import animate_layer_distances, plot_distance_heatmap, plot_interpolation
+
+# Representation-similarity names (fusion.analysis.similarity) are added here by the lead.
+
+__all__ = [
+    "METRICS",
+    "BezierCurve",
+    "CurveEvaluation",
+    "InterpolationCurve",
+    "LayerDistances",
+    "animate_layer_distances",
+    "barrier",
+    "bernstein_weights",
+    "evaluate_curve",
+    "interpolation_curve",
+    "layer_distances",
+    "load_curve_evaluation",
+    "load_interpolation_curve",
+    "plot_distance_heatmap",
+    "plot_interpolation",
+    "state_dict_distances",
+    "train_bezier_curve",
+]

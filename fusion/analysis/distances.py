@@ -120,13 +120,12 @@ def state_dict_distances(
     Returns:
         :class:`LayerDistances` with one row per selected parameter or module.
     """
-    for key in state_a:
-        if key not in state_b:
-            raise ArchitectureMismatchError(f"state_b has no tensor {key!r}, which state_a has")
-        if state_a[key].shape != state_b[key].shape:
-            raise ArchitectureMismatchError(
-                f"{key!r} has shape {tuple(state_a[key].shape)} in state_a but {tuple(state_b[key].shape)} in state_b"
-            )
+    missing = [key for key in state_a if key not in state_b]
+    if missing:
+        raise ArchitectureMismatchError(f"state_b lacks the tensor(s) {missing[:5]}, which state_a has")
+    for key, a in state_a.items():
+        if a.shape != state_b[key].shape:
+            raise ArchitectureMismatchError(f"{key!r} has shape {tuple(a.shape)} in state_a but {tuple(state_b[key].shape)} in state_b")
     rows = _select(list(state_a), names, aggregate)
     diff_sq = np.zeros(len(rows))
     ref_sq = np.zeros(len(rows))

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import CheckpointError, DataError
 
-__all__ = ["atomic_path", "save_json", "load_json", "save_npz", "load_npz", "to_jsonable"]
+__all__ = ["atomic_path", "json_text", "load_json", "load_npz", "save_json", "save_npz", "to_jsonable", "write_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,16 +82,32 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def json_text(obj: Any) -> str:
+    """``obj`` (converted by :func:`to_jsonable`) as indented strict JSON text.
+
+    Raises:
+        DataError: if ``obj`` holds something JSON cannot represent.
+    """
+    try:
+        return json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"cannot write as JSON: {exc}") from exc
+
+
+def write_text(path: PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically and return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
 def save_json(obj: Any, path: PathLike) -> Path:
-    """Write ``obj`` (converted by :func:`to_jsonable`) as indented JSON, atomically.
+    """Write ``obj`` as indented JSON (see :func:`json_text`), atomically.
 
     Returns:
         The path written.
     """
-    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text + "\n", encoding="utf-8")
-    return Path(path)
+    return write_text(path, json_text(obj))
 
 
 def load_json(path: PathLike) -> Any:
