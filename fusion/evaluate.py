@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checks import check_models, eval_mode, iter_batches, model_device, move_inputs, run_model
+from .checks import check_models, check_same_device, eval_mode, iter_batches, model_device, move_inputs, run_model
 from .errors import DataError, EnsembleError
 from .fuse.average import check_weights
 
@@ -157,8 +157,10 @@ def ensemble_evaluate(
     models = list(models)
     if not models:
         raise EnsembleError("expected at least 1 model, got 0")
-    for k, model in enumerate(models):
-        check_models([model], names=[f"models[{k}]"])
+    names = [f"models[{k}]" for k in range(len(models))]
+    for name, model in zip(names, models):
+        check_models([model], names=[name])
+    check_same_device(models, names)
     if combine not in ("logits", "probs"):
         raise EnsembleError(f"unknown combine {combine!r}; expected 'logits' or 'probs'")
     weights = check_weights(weights, len(models))
