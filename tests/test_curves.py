@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -254,3 +255,19 @@ def test_loading_a_file_without_distances_raises(tmp_path) -> None:
     np.savez(path, t=np.zeros(3))
     with pytest.raises(DataError, match="lacks"):
         load_curve_evaluation(path)
+
+
+def test_evaluation_leaves_the_curve_untouched(mlps, digits) -> None:
+    curve = train_bezier_curve(*mlps, digits[0], epochs=1, progress=False)
+    before = {k: v.clone() for k, v in curve.state_dict().items()}
+    evaluate_curve(curve, digits[1], num_points=3, bn_data=digits[0], progress=False)
+    _assert_same_state(curve, before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_curve_trains_and_evaluates_on_cuda(bn_mlps, digits) -> None:
+    model_a, model_b = (copy.deepcopy(m).to("cuda") for m in bn_mlps)
+    curve = train_bezier_curve(model_a, model_b, digits[0], epochs=1, progress=False)
+    assert all(p.is_cuda for p in curve.control_parameters())
+    result = evaluate_curve(curve, digits[1], num_points=3, bn_data=digits[0], progress=False)
+    assert np.all(np.isfinite(result.loss)) and result.raw_l2[0].max() == 0.0
