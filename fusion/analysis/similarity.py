@@ -104,7 +104,8 @@ def _matched(m: CrossMoments, tol: float = 1e-10) -> float:
         return math.nan
     corr = m.sxy[live_x][:, live_y] / torch.sqrt(torch.outer(var_x[live_x], var_y[live_y]))
     rows, cols = linear_sum_assignment(corr.cpu().numpy(), maximize=True)
-    return float(corr[torch.as_tensor(rows), torch.as_tensor(cols)].mean())
+    rows, cols = torch.as_tensor(rows, device=corr.device), torch.as_tensor(cols, device=corr.device)
+    return float(corr[rows, cols].mean())
 
 
 #: Measure name -> function of :class:`CrossMoments`. Constant neurons (zero variance) are left out of

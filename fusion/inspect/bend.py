@@ -263,7 +263,7 @@ class Inspector(nn.Module):
         self._entries: list[Entry] = []
         self._bent: dict[str, torch.Tensor] = {}
         self._trace_state: dict[str, Any] = {}
-        self._cache: dict[str, Any] = {}
+        self._cache: dict[Any, Any] = {}
 
     # ----------------------------------------------------------------------------------- weights
     @property
@@ -295,10 +295,10 @@ class Inspector(nn.Module):
         return dict(self._active) if self._active is not None else self._original_state()
 
     def bended_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict the bent model runs with (active version plus weight bends), for saving."""
+        """A copy of the state dict the bent model runs with (active version plus weight bends), for saving."""
         state = self._base_state()
         state.update(self._bent)
-        return {k: v.detach() for k, v in state.items()}
+        return {k: v.detach().clone() for k, v in state.items()}
 
     # ------------------------------------------------------------------------------- activations
     def _traced(self) -> TracedModel | None:
@@ -438,7 +438,10 @@ class Inspector(nn.Module):
             nodes = [bend_nodes.get(c, c) for _, c in pairs]
         else:
             graph_module, nodes = traced.graph_module, [c for _, c in pairs]
-        values = self._run(probe_module(graph_module, nodes), inputs, bended)
+        key = ("probe", bended and bool(self._activation_bends), tuple(nodes))
+        if key not in self._cache:
+            self._cache[key] = probe_module(graph_module, nodes)
+        values = self._run(self._cache[key], inputs, bended)
         return {key: value for (key, _), value in zip(pairs, values)}
 
     # ----------------------------------------------------------------------------------- running
@@ -453,19 +456,18 @@ class Inspector(nn.Module):
 
     def _run(self, module: nn.Module, inputs: Any, bended: bool) -> Any:
         params = self._params(bended)
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(module, params, args, kwargs) if params else module(*args, **kwargs)
-
-        return run_model(call, inputs, "inputs")
+        return run_model(lambda *args, **kwargs: _call_with(module, params, args, kwargs), inputs, "inputs")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the bent model (active version, weight bends and activation bends)."""
+        """Run the bent model (active version, weight bends and activation bends).
+
+        The model runs in its current mode; in training mode BatchNorm layers update the running
+        statistics of the weights in use (the active version's copies when ``inplace=False``).
+        """
         uses_graph = bool(self._activation_bends) and self._traced() is not None
         module = self._bent_graph()[0] if uses_graph else self.module
-        params = self._params(True)
         with self._hook_bends(True):
-            return functional_call(module, params, args, kwargs) if params else module(*args, **kwargs)
+            return _call_with(module, self._params(True), args, kwargs)
 
     def _hook_bends(self, bended: bool) -> contextlib.AbstractContextManager:
         if not bended or not self._activation_bends or self._traced() is not None:
@@ -641,7 +643,7 @@ class Inspector(nn.Module):
 
     def _snapshot_of(self, source: nn.Module | Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         if source is None:
-            return {k: v.clone() for k, v in self.bended_state_dict().items()}
+            return self.bended_state_dict()
         state = source.state_dict() if isinstance(source, nn.Module) else source
         if not isinstance(state, Mapping):
             raise BendingError(f"a version is taken from an nn.Module or a state dict, got {type(source).__name__}")
@@ -734,6 +736,11 @@ class Inspector(nn.Module):
             yield self
         finally:
             undo()
+
+
+def _call_with(module: nn.Module, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+    """``module(*args, **kwargs)`` with ``params`` substituted for its own tensors (none: plain call)."""
+    return functional_call(module, params, args, kwargs) if params else module(*args, **kwargs)
 
 
 def _checked_call(callback: BendingCallback, tensor: torch.Tensor, name: str, kind: str) -> torch.Tensor:

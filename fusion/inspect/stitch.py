@@ -535,6 +535,11 @@ def fit_stitch(
     if not ridge >= 0:
         raise StitchError(f"ridge must be >= 0, got {ridge!r}")
     moments = _accumulate(stitched, data, max_batches, progress)
+    if moments.count <= stitched.stitch_layer.in_features:
+        logger.warning(
+            "fitting a %d-channel stitch on only %d feature rows: the fit is underdetermined and will not "
+            "generalise; use more data", stitched.stitch_layer.in_features, moments.count,
+        )
     model = stitched if inplace else copy.deepcopy(stitched)
     model.stitch_layer.fit(moments, ridge)
     explained = model.stitch_layer.explained_variance(moments)
