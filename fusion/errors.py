@@ -20,6 +20,7 @@ __all__ = [
     "DataError",
     "EnsembleError",
     "AlignmentError",
+    "WidthMismatchError",
     "BendingError",
     "StitchError",
     "CheckpointError",
@@ -68,6 +69,10 @@ class EnsembleError(FusionError, ValueError):
 
 class AlignmentError(FusionError, ValueError):
     """Alignment cannot be computed (unknown method or cost, unequal widths with a hard method)."""
+
+
+class WidthMismatchError(ArchitectureMismatchError, AlignmentError):
+    """Two models share an architecture but not their widths, and the method needs equal widths."""
 
 
 class BendingError(FusionError, ValueError):

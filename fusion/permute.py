@@ -20,7 +20,7 @@ from .checks import check_same_device, eval_mode, model_device, move_inputs, run
 from .errors import PermutationError
 
 if TYPE_CHECKING:
-    from .spec import PermutationGroup, PermutationSpec
+    from .spec import AxisMember, PermutationGroup, PermutationSpec
 
 __all__ = [
     "Permutations",
@@ -31,6 +31,7 @@ __all__ = [
     "permute",
     "permute_layer",
     "permute_state_dict",
+    "permute_axis",
     "random_permutation",
     "swap_neurons",
     "verify_equivalence",
@@ -118,12 +119,16 @@ def permute_state_dict(
         if perm is None:
             continue
         for member in group.members:
-            tensor = out[member.name]
-            index = member.index.to(tensor.device)
-            order = torch.arange(tensor.shape[member.axis], device=tensor.device)  # identity on the axis
-            order[index.reshape(-1)] = index[perm.to(tensor.device)].reshape(-1)
-            out[member.name] = tensor.index_select(member.axis, order)
+            out[member.name] = permute_axis(out[member.name], member, perm)
     return out
+
+
+def permute_axis(tensor: torch.Tensor, member: AxisMember, perm: torch.Tensor) -> torch.Tensor:
+    """Return ``tensor`` with the units of one group member reordered by ``perm`` (a new tensor)."""
+    index = member.index.to(tensor.device)
+    order = torch.arange(tensor.shape[member.axis], device=tensor.device)  # identity on the axis
+    order[index.reshape(-1)] = index[perm.to(tensor.device)].reshape(-1)
+    return tensor.index_select(member.axis, order)
 
 
 def _write_state(model: nn.Module, new_state: Mapping[str, torch.Tensor], old_state: Mapping[str, torch.Tensor]) -> None:

@@ -137,8 +137,11 @@ class PermutationSpec:
     _by_name: dict[str, PermutationGroup] = field(default_factory=dict, repr=False)
     _by_tensor: dict[str, list[tuple[PermutationGroup, AxisMember]]] = field(default_factory=dict, repr=False)
 
+    _position: dict[str, int] = field(default_factory=dict, repr=False)
+
     def __post_init__(self) -> None:
-        for group in self.groups:
+        for i, group in enumerate(self.groups):
+            self._position[group.name] = i
             self._by_name[group.name] = group
             for member in group.members:
                 self._by_tensor.setdefault(member.name, []).append((group, member))
@@ -168,6 +171,10 @@ class PermutationSpec:
             close = [n for n in self._by_name if name.split(".")[0] in n][:5]
             hint = f"; similar names: {close}" if close else ""
             raise PermutationError(f"no permutation group named {name!r} in this spec{hint}") from None
+
+    def position(self, name: str) -> int:
+        """Index of group ``name`` in :attr:`groups` (permutations are applied in this order)."""
+        return self._position[name]
 
     def members_of(self, tensor_name: str) -> list[tuple[PermutationGroup, AxisMember]]:
         """Every ``(group, member)`` that moves an axis of the tensor called ``tensor_name``."""
@@ -774,7 +781,11 @@ def permutation_spec(
     for g in groups:
         names[g.name] += 1
     groups = _unique_names(groups, names)
-    groups.sort(key=lambda g: (order.get(g.name.split("[")[0], len(order)), g.name))
+    # Module order; an attention layer's whole-head group comes before its within-head groups,
+    # which act on the head positions after heads are reordered (the groups overlap).
+    rank = {"channels": 0, "heads": 1, "head_qk": 2, "head_v": 2}
+    groups.sort(key=lambda g: (order.get(g.name.split("[")[0] if g.kind == "channels" else g.producers[0], len(order)),
+                               rank[g.kind], g.name))
 
     if verify and groups:
         failing = _Verifier(work, example_inputs, seed).failing(groups)  # consumes `work`
