@@ -1,14 +1,74 @@
 """fusion: compare, align and merge PyTorch models through their permutation symmetries.
 
 The permutation spec (:func:`permutation_spec`) is derived from torch-pruning's dependency graph;
-everything else (permute, align, fuse, analyse) is built on it.
+everything else is built on it:
+
+* spec and permutations: :func:`permutation_spec`, :func:`permute`, :func:`swap_neurons`,
+  :func:`permute_layer`, :func:`verify_equivalence`;
+* alignment: :func:`align`, :func:`align_many` (weight, activation and optimal-transport matching);
+* fusion: :func:`average`, :func:`interpolate`, :func:`merge`, :func:`ot_fusion`,
+  :func:`concat_models`, :func:`fuse_ensemble`, :func:`reset_bn_stats`, :func:`repair`,
+  :func:`finetune`;
+* analysis: :func:`interpolation_curve`, :func:`layer_distances`, Bézier curves, similarity, plots;
+* inspection: :class:`Inspector`, bending, :func:`stitch`;
+* data and reference models: :mod:`fusion.data`, :mod:`fusion.models`.
 """
 
 from __future__ import annotations
 
-from . import errors
+from . import analysis, data, errors, models
+from .align import Alignment, align, align_many
+from .analysis import (
+    METRICS,
+    BezierCurve,
+    CurveEvaluation,
+    InterpolationCurve,
+    LayerDistances,
+    animate_layer_distances,
+    barrier,
+    evaluate_curve,
+    interpolation_curve,
+    layer_distances,
+    plot_distance_heatmap,
+    plot_interpolation,
+    train_bezier_curve,
+)
+from .analysis.similarity import (
+    SimilarityResult,
+    linear_cka,
+    matched_correlation,
+    procrustes_distance,
+    representation_similarity,
+)
 from .coverage import Coverage, permutation_coverage
-from .errors import *  # noqa: F401,F403
+from .errors import *
+from .evaluate import Evaluation, ensemble_evaluate, evaluate
+from .fuse import (
+    MergeResult,
+    average,
+    concat_models,
+    finetune,
+    fuse_ensemble,
+    fuse_hierarchical,
+    fuse_iterative,
+    interpolate,
+    merge,
+    merge_with_alignments,
+    ot_fusion,
+    repair,
+    reset_bn_stats,
+)
+from .inspect import (
+    BendedModule,
+    BendingConfig,
+    Inspector,
+    Mask,
+    Noise,
+    Permute,
+    Scale,
+    fit_stitch,
+    stitch,
+)
 from .permute import (
     check_permutations,
     compose_permutations,
@@ -21,13 +81,22 @@ from .permute import (
     swap_neurons,
     verify_equivalence,
 )
-from .spec import AxisMember, PermutationGroup, PermutationSpec, SkippedGroup, permutation_spec
+from .spec import (
+    AxisMember,
+    PermutationGroup,
+    PermutationSpec,
+    SkippedGroup,
+    permutation_spec,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "analysis",
+    "data",
     "errors",
+    "models",
     *errors.__all__,
     # spec and permutations
     "AxisMember",
@@ -47,4 +116,55 @@ __all__ = [
     "verify_equivalence",
     "Coverage",
     "permutation_coverage",
+    # alignment
+    "Alignment",
+    "align",
+    "align_many",
+    # fusion
+    "average",
+    "interpolate",
+    "merge",
+    "merge_with_alignments",
+    "MergeResult",
+    "ot_fusion",
+    "concat_models",
+    "fuse_ensemble",
+    "fuse_iterative",
+    "fuse_hierarchical",
+    "reset_bn_stats",
+    "repair",
+    "finetune",
+    # evaluation
+    "Evaluation",
+    "evaluate",
+    "ensemble_evaluate",
+    # analysis
+    "METRICS",
+    "InterpolationCurve",
+    "interpolation_curve",
+    "barrier",
+    "LayerDistances",
+    "layer_distances",
+    "BezierCurve",
+    "CurveEvaluation",
+    "train_bezier_curve",
+    "evaluate_curve",
+    "plot_interpolation",
+    "plot_distance_heatmap",
+    "animate_layer_distances",
+    "SimilarityResult",
+    "linear_cka",
+    "procrustes_distance",
+    "matched_correlation",
+    "representation_similarity",
+    # inspection
+    "Inspector",
+    "BendedModule",
+    "BendingConfig",
+    "Mask",
+    "Scale",
+    "Permute",
+    "Noise",
+    "stitch",
+    "fit_stitch",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -24,17 +25,18 @@ from .errors import (
 )
 
 __all__ = [
+    "check_finite",
     "check_models",
     "check_same_architecture",
-    "check_finite",
     "check_same_device",
+    "check_weights",
+    "eval_mode",
+    "iter_batches",
     "model_device",
     "model_dtype",
-    "run_model",
-    "iter_batches",
-    "split_batch",
     "move_inputs",
-    "eval_mode",
+    "run_model",
+    "split_batch",
 ]
 
 
@@ -245,3 +247,39 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 def clone_model(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` (parameters, buffers, hooks and attributes)."""
     return copy.deepcopy(model)
+
+
+WEIGHT_SUM_TOL = 1e-6
+
+
+def check_weights(weights: Sequence[float] | None, count: int, allow_negative: bool = False) -> list[float]:
+    """Validate combination weights of ``count`` members (uniform if None).
+
+    Args:
+        weights: one finite weight per member, summing to 1 within :data:`WEIGHT_SUM_TOL`.
+        count: number of members.
+        allow_negative: accept negative weights (affine combinations, e.g. extrapolation).
+
+    Returns:
+        The weights as floats.
+
+    Raises:
+        EnsembleError: wrong length, a non-finite or (unless allowed) negative weight, or a sum other than 1.
+    """
+    if count < 1:
+        raise EnsembleError("expected at least 1 member, got 0")
+    if weights is None:
+        return [1.0 / count] * count
+    if isinstance(weights, torch.Tensor):
+        weights = weights.tolist()
+    values = [float(w) for w in weights]
+    if len(values) != count:
+        raise EnsembleError(f"got {len(values)} weights for {count} members; pass exactly one weight per member")
+    for k, w in enumerate(values):
+        if not math.isfinite(w):
+            raise EnsembleError(f"weights[{k}] is {w}; weights must be finite")
+        if w < 0 and not allow_negative:
+            raise EnsembleError(f"weights[{k}] is {w}; weights must be non-negative")
+    if abs(sum(values) - 1.0) > WEIGHT_SUM_TOL:
+        raise EnsembleError(f"weights must sum to 1, but {values} sum to {sum(values)}")
+    return values

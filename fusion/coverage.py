@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-
 from torch import nn
 
 from .permute import permute, random_permutation, verify_equivalence

@@ -23,9 +23,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checks import check_models, check_same_device, eval_mode, iter_batches, model_device, move_inputs, run_model
+from .checks import (
+    check_models,
+    check_same_device,
+    check_weights,
+    eval_mode,
+    iter_batches,
+    model_device,
+    move_inputs,
+    run_model,
+)
 from .errors import DataError, EnsembleError
-from .fuse.average import check_weights
 
 __all__ = ["Evaluation", "ensemble_evaluate", "evaluate", "predict_logits"]
 

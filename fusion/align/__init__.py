@@ -18,31 +18,41 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checks import check_finite, check_models, check_same_device, iter_batches
-from ..errors import AlignmentError, ArchitectureMismatchError, EnsembleError, WidthMismatchError
+from ..errors import (
+    AlignmentError,
+    ArchitectureMismatchError,
+    EnsembleError,
+    WidthMismatchError,
+)
 from ..permute import permute, permute_state_dict
 from ..spec import PermutationSpec, permutation_spec
 from .activation import activation_matching
 from .ot import SOLVERS, ot_alignment, solve_transport, transport_state
 from .result import Alignment
 from .stats import PairStats, collect_pair_stats
-from .weight import group_similarity, matching_objective, solve_assignment, weight_matching
+from .weight import (
+    group_similarity,
+    matching_objective,
+    solve_assignment,
+    weight_matching,
+)
 
 __all__ = [
+    "COSTS",
+    "METHODS",
     "Alignment",
+    "PairStats",
+    "activation_matching",
     "align",
     "align_many",
-    "weight_matching",
-    "activation_matching",
-    "ot_alignment",
-    "transport_state",
-    "solve_transport",
-    "solve_assignment",
+    "collect_pair_stats",
     "group_similarity",
     "matching_objective",
-    "PairStats",
-    "collect_pair_stats",
-    "METHODS",
-    "COSTS",
+    "ot_alignment",
+    "solve_assignment",
+    "solve_transport",
+    "transport_state",
+    "weight_matching",
 ]
 
 METHODS = ("weight", "activation", "ot")

@@ -26,7 +26,7 @@ from ..spec import AxisMember, PermutationSpec
 from .stats import collect_pair_stats, sites_for
 from .weight import unit_rows
 
-__all__ = ["ot_alignment", "transport_state", "solve_transport", "SOLVERS"]
+__all__ = ["SOLVERS", "ot_alignment", "solve_transport", "transport_state"]
 
 SOLVERS = ("emd", "sinkhorn")
 State = Mapping[str, torch.Tensor]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..checks import eval_mode, iter_batches, model_device, move_inputs, run_model
 from ..spec import AxisMember, PermutationGroup, PermutationSpec
 
-__all__ = ["PairStats", "CaptureSite", "capture_site", "collect_pair_stats", "capture_units", "sites_for"]
+__all__ = ["CaptureSite", "PairStats", "capture_site", "capture_units", "collect_pair_stats", "sites_for"]
 
 
 @dataclass

@@ -17,10 +17,15 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
-from ..permute import Permutations, identity_permutation, permute_axis, permute_state_dict
+from ..permute import (
+    Permutations,
+    identity_permutation,
+    permute_axis,
+    permute_state_dict,
+)
 from ..spec import AxisMember, PermutationGroup, PermutationSpec
 
-__all__ = ["weight_matching", "layerwise_matching", "group_similarity", "matching_objective", "unit_rows", "solve_assignment"]
+__all__ = ["group_similarity", "layerwise_matching", "matching_objective", "solve_assignment", "unit_rows", "weight_matching"]
 
 log = logging.getLogger(__name__)
 

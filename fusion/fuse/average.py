@@ -20,48 +20,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..checks import check_models
+from ..checks import check_models, check_weights
 from ..errors import ArchitectureMismatchError, EnsembleError
 
-__all__ = ["average", "average_state_dicts", "check_weights", "interpolate"]
+__all__ = ["average", "average_state_dicts", "interpolate"]
 
 #: Tolerance on ``sum(weights) == 1``.
-WEIGHT_SUM_TOL = 1e-6
-
-
-def check_weights(weights: Sequence[float] | None, count: int, allow_negative: bool = False) -> list[float]:
-    """Validate combination weights of ``count`` members (uniform if None).
-
-    Args:
-        weights: one finite weight per member, summing to 1 within :data:`WEIGHT_SUM_TOL`.
-        count: number of members.
-        allow_negative: accept negative weights (affine combinations, e.g. extrapolation).
-
-    Returns:
-        The weights as floats.
-
-    Raises:
-        EnsembleError: wrong length, a non-finite or (unless allowed) negative weight, or a sum other than 1.
-    """
-    if count < 1:
-        raise EnsembleError("expected at least 1 member, got 0")
-    if weights is None:
-        return [1.0 / count] * count
-    if isinstance(weights, torch.Tensor):
-        weights = weights.tolist()
-    values = [float(w) for w in weights]
-    if len(values) != count:
-        raise EnsembleError(f"got {len(values)} weights for {count} members; pass exactly one weight per member")
-    for k, w in enumerate(values):
-        if not math.isfinite(w):
-            raise EnsembleError(f"weights[{k}] is {w}; weights must be finite")
-        if w < 0 and not allow_negative:
-            raise EnsembleError(f"weights[{k}] is {w}; weights must be non-negative")
-    if abs(sum(values) - 1.0) > WEIGHT_SUM_TOL:
-        raise EnsembleError(f"weights must sum to 1, but {values} sum to {sum(values)}")
-    return values
-
-
 def _combine(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """``sum_k weights[k] * tensors[k]``, accumulated in at least float32, in the first tensor's dtype."""
     first = tensors[0]

@@ -33,9 +33,16 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
-from ..checks import check_models, eval_mode, iter_batches, model_device, move_inputs, run_model
+from ..checks import (
+    check_models,
+    check_weights,
+    eval_mode,
+    iter_batches,
+    model_device,
+    move_inputs,
+    run_model,
+)
 from ..errors import DataError
-from .average import check_weights
 
 __all__ = ["ChannelStats", "neuron_statistics", "repair", "repair_locations", "reset_bn_stats"]
 
