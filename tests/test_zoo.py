@@ -1,0 +1,40 @@
+"""Every torchvision classification model: a random full permutation keeps the function.
+
+The default run checks a fast subset; ``-m slow`` runs the whole zoo. BatchNorm statistics are
+made non-trivial first (random affine parameters, a few train-mode passes).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from conftest import EQUIV_TOL
+from hand_models import randomize_bn
+
+import fusion
+
+#: Models whose parameter elements must be >= 95% moved by a random permutation.
+HIGH_COVERAGE = ("resnet", "wide_resnet", "vgg", "mobilenet", "convnext", "densenet", "efficientnet", "regnet")
+FAST = ["resnet18", "mobilenet_v3_small", "squeezenet1_1", "regnet_x_400mf", "efficientnet_b0", "shufflenet_v2_x0_5"]
+BIG_INPUT = ("vit", "swin", "maxvit")
+OPTIONS = {"googlenet": {"aux_logits": False, "init_weights": False},
+           "inception_v3": {"aux_logits": False, "init_weights": False}}
+
+
+def zoo() -> list:
+    names = torchvision.models.list_models(module=torchvision.models)
+    return [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in sorted(names)]
+
+
+@pytest.mark.parametrize("name", zoo())
+def test_random_permutation_preserves_function(name):
+    size = 224 if name.startswith(BIG_INPUT) else (96 if name == "inception_v3" else 64)
+    x = torch.randn(2, 3, size, size)
+    model = torchvision.models.get_model(name, num_classes=10, **OPTIONS.get(name, {}))
+    randomize_bn(model, x, steps=2)
+    coverage = fusion.permutation_coverage(model, x, seed=1, label=name)
+    assert coverage.max_rel_diff <= EQUIV_TOL, coverage
+    assert coverage.groups > 0
+    if name.startswith(HIGH_COVERAGE):
+        assert coverage.params_changed >= 0.95, coverage
