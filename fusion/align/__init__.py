@@ -189,9 +189,6 @@ def align_many(
     reference: str = "first",
     method: str = "weight",
     data: Any = None,
-    max_iter: int = 100,
-    seed: int = 0,
-    progress: bool = True,
     spec: PermutationSpec | None = None,
     **kwargs: Any,
 ) -> list[Alignment]:
@@ -199,11 +196,12 @@ def align_many(
 
     Args:
         models: two or more models (never modified).
+        example_inputs, method, data, spec: as for :func:`align`.
         reference: ``"first"`` aligns every model to ``models[0]`` with :func:`align`;
             ``"mean"`` is MergeMany (Ainsworth et al. 2023): repeatedly align each model, in a
             random order, to the mean of all the others by weight matching, until no
             permutation changes (at most ``max_iter`` rounds).
-        Other arguments: as for :func:`align` (``reference="mean"`` uses weight matching only).
+        **kwargs: further arguments of :func:`align` (``max_iter``, ``seed``, ``progress``, ...).
 
     Returns:
         One :class:`Alignment` per model (``models[0]`` included), each holding the aligned copy.
@@ -218,14 +216,10 @@ def align_many(
     if reference == "first":
         first = Alignment(copy.deepcopy(models[0]), {g.name: torch.arange(g.size) for g in spec.groups}, 0.0, [],
                           method, spec)
-        return [first] + [
-            align(models[0], m, spec=spec, method=method, data=data, max_iter=max_iter, seed=seed,
-                  progress=progress, **kwargs)
-            for m in models[1:]
-        ]
+        return [first] + [align(models[0], m, spec=spec, method=method, data=data, **kwargs) for m in models[1:]]
     if method != "weight":
         raise AlignmentError("reference='mean' (MergeMany) is implemented with method='weight'")
-    return _merge_many(models, spec, max_iter, seed, progress)
+    return _merge_many(models, spec, kwargs.get("max_iter", 100), kwargs.get("seed", 0), kwargs.get("progress", True))
 
 
 def _merge_many(models: list[nn.Module], spec: PermutationSpec, max_iter: int, seed: int,

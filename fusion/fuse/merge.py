@@ -64,37 +64,20 @@ def merge_with_alignments(
     return MergeResult(merged, alignments)
 
 
-def merge(
-    models: Sequence[nn.Module],
-    method: str = "weight",
-    data: Any = None,
-    example_inputs: Any = None,
-    reference: str = "first",
-    weights: Sequence[float] | None = None,
-    reset_bn: bool = False,
-    repair: bool = False,
-    max_iter: int = 100,
-    seed: int = 0,
-    progress: bool = True,
-    spec: PermutationSpec | None = None,
-    **align_kwargs: Any,
-) -> nn.Module:
+def merge(models: Sequence[nn.Module], method: str = "weight", data: Any = None, **kwargs: Any) -> nn.Module:
     """Align every model into one basis, then average their weights.
 
     Args:
         models: models of one architecture (never modified); one model returns a copy.
         method: alignment method of :func:`fusion.align` (``"weight"``, ``"activation"``, ``"ot"``).
         data: batches for activation matching and for BatchNorm reset / REPAIR.
-        example_inputs: inputs to trace the architecture (or pass ``spec``, or ``data``).
-        reference: ``"first"`` (align to ``models[0]``) or ``"mean"`` (MergeMany).
-        weights: averaging weights (default uniform).
-        reset_bn: recompute BatchNorm statistics of the merged model on ``data``.
-        repair: REPAIR the merged model's neuron statistics on ``data`` (implies a reset for
-            BatchNorm models).
-        max_iter, seed, progress, spec, align_kwargs: passed to the alignment.
+        **kwargs: the keyword arguments of :func:`merge_with_alignments`: ``example_inputs``
+            (or pass ``spec`` or ``data``), ``reference`` (``"first"`` or ``"mean"`` for
+            MergeMany), ``weights`` (default uniform), ``reset_bn`` (recompute BatchNorm
+            statistics on ``data``), ``repair`` (REPAIR on ``data``), ``max_iter``, ``seed``,
+            ``progress``, ``spec`` and alignment options.
 
     Returns:
         The merged model, of the members' architecture.
     """
-    return merge_with_alignments(models, method, data, example_inputs, reference, weights, reset_bn, repair,
-                                 max_iter, seed, progress, spec, **align_kwargs).model
+    return merge_with_alignments(models, method=method, data=data, **kwargs).model
