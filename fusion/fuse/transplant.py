@@ -1,0 +1,491 @@
+"""Neuron Transplantation: fuse an ensemble by concatenating its members and pruning the result.
+
+Öz, Debus, Götz (KIT), "Model Fusion via Neuron Transplantation", ECML PKDD 2024. The ``N``
+members are concatenated into one ``N`` times wider model computing the ensemble mean
+(:func:`~fusion.fuse.concat.concat_models`), then every hidden group is pruned back to the members'
+width by keeping its largest units (torch-pruning's group magnitude importance): the small units of
+one member are sacrificed to make room for the large units of the others. A short fine-tuning
+recovers most of the damage done by the pruning, and the fused model has exactly the members'
+architecture.
+
+Pruning is done by torch-pruning (``DependencyGraph.get_pruning_group(...).prune()``) for plain
+channel groups. Where torch-pruning would not restore the members' architecture it is done through
+the permutation spec instead, by keeping whole structures:
+
+* attention heads: torch-pruning's MultiheadAttention pruner removes embedding channels inside
+  every head (``head_dim`` would shrink); whole heads are kept instead, and the embedding stream
+  around the attention is pruned through the spec as well;
+* grouped convolutions and GroupNorm: torch-pruning keeps all ``N * g`` groups and thins each one;
+  whole conv/norm groups are kept instead (``g`` of ``N * g``), so that ``groups`` returns to ``g``;
+* parameters outside modules (class tokens, positional embeddings), whose owners keep width
+  attributes torch-pruning does not update.
+
+Schedules: ``"all"`` concatenates all members at once (the paper's default), ``"iterative"`` fuses two
+at a time from left to right, ``"hierarchical"`` fuses pairs in a binary tree. Members that are exact
+copies of each other are merged before concatenating (their units are duplicates), so fusing a model
+with itself returns that model.
+
+Example:
+    >>> fused = fuse_ensemble([model_a, model_b], example_inputs, finetune_data=train_loader, finetune_epochs=1)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from tqdm.auto import tqdm
+
+from ..checks import describe_shapes, eval_mode, model_device, move_inputs
+from ..errors import DataError, EnsembleError, TraceError
+from ..spec import PermutationGroup, PermutationSpec, permutation_spec
+from .concat import (
+    BLOCKS,
+    GROUPS,
+    UNITS,
+    Concatenation,
+    ConcatError,
+    GroupLink,
+    build_concatenation,
+    check_members,
+    probe_forward,
+)
+from .layers import BlockLayerNorm, resize_tensors
+
+__all__ = ["SCHEDULES", "fuse_ensemble", "fuse_hierarchical", "fuse_iterative"]
+
+log = logging.getLogger(__name__)
+
+#: Accepted ``schedule`` values of :func:`fuse_ensemble`.
+SCHEDULES = ("all", "iterative", "hierarchical")
+
+#: ``importance(group) -> scores``: a torch-pruning ``Group`` of a layer's output channels in, one score
+#: per channel out (a larger score keeps the channel).
+Importance = Callable[[Any], torch.Tensor]
+
+_TP_SAFE_TYPES = {
+    tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.DEPTHWISE_CONV, tp.ops.OPTYPE.LINEAR, tp.ops.OPTYPE.BN, tp.ops.OPTYPE.IN,
+    tp.ops.OPTYPE.LN, tp.ops.OPTYPE.PRELU, tp.ops.OPTYPE.EMBED, tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.CONCAT,
+    tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.EXPAND, tp.ops.OPTYPE.SLICE,
+    tp.ops.OPTYPE.OUTPUT,
+}
+
+
+def fuse_ensemble(
+    models: Sequence[nn.Module],
+    example_inputs: Any,
+    importance: str | Importance = "l2",
+    finetune_data: Any = None,
+    finetune_epochs: int = 0,
+    lr: float = 1e-3,
+    progress: bool = True,
+    spec: PermutationSpec | None = None,
+    schedule: str = "all",
+) -> nn.Module:
+    """Fuse an ensemble into one model of the members' architecture by Neuron Transplantation.
+
+    Args:
+        models: two or more trained models of one architecture, device and dtype (not modified).
+        example_inputs: inputs the models accept (tensor, tuple or dict), e.g. a batch ``(B, C, H, W)``;
+            used to trace the models.
+        importance: ``"l2"`` or ``"l1"`` (torch-pruning's ``GroupMagnitudeImportance(p=2 or 1)``), or a
+            callable ``importance(group) -> scores`` that receives the torch-pruning ``Group`` of a
+            producing layer's output channels (all of them) and returns one score per channel; the
+            largest-scoring units are kept. Attention heads, which have no torch-pruning group, are
+            ranked by the L2 norm of their weights (L1 with ``"l1"``).
+        finetune_data: labelled batches to fine-tune the fused model on (DataLoader or iterable).
+        finetune_epochs: epochs of fine-tuning (0: none).
+        lr: fine-tuning learning rate (Adam).
+        progress: show progress bars.
+        spec: the members' :class:`~fusion.PermutationSpec` (computed from ``models[0]`` if None).
+        schedule: ``"all"`` (concatenate every member at once), ``"iterative"`` (fuse two at a time,
+            left to right) or ``"hierarchical"`` (fuse pairs in a binary tree); in every case each
+            original member weighs ``1/N`` in the concatenated output layer. Fine-tuning runs once, at the end.
+
+    Returns:
+        The fused model: an instance of the members' class whose state dict loads into member 0
+        with ``strict=True``, in member 0's train/eval mode.
+
+    Raises:
+        EnsembleError: fewer than two models, an unknown ``importance`` or ``schedule``.
+        ArchitectureMismatchError, DeviceMismatchError, NonFiniteWeightsError: invalid ensemble.
+        ConcatError: the architecture cannot be concatenated or pruned back exactly.
+        DataError: ``finetune_epochs > 0`` without ``finetune_data``.
+    """
+    models = check_members(models, "fuse_ensemble")
+    scorer = _importance(importance)
+    if schedule not in SCHEDULES:
+        raise EnsembleError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+    if not isinstance(finetune_epochs, int) or finetune_epochs < 0:
+        raise DataError(f"finetune_epochs must be a non-negative integer, got {finetune_epochs!r}")
+    if finetune_epochs > 0 and finetune_data is None:
+        raise DataError(f"finetune_epochs={finetune_epochs} needs finetune_data")
+    inputs = move_inputs(example_inputs, model_device(models[0]))
+    if spec is None:
+        spec = permutation_spec(models[0], inputs)
+
+    def step(parts: list[_Part]) -> _Part:
+        return _transplant(parts, inputs, spec, scorer, progress)
+
+    fused = _reduce([_Part(m, 1) for m in models], step, schedule).model
+    if finetune_epochs > 0:
+        from .finetune import finetune
+
+        fused = finetune(fused, finetune_data, epochs=finetune_epochs, lr=lr, progress=progress, inplace=True)
+    return fused
+
+
+def fuse_iterative(models: Sequence[nn.Module], example_inputs: Any, **kwargs: Any) -> nn.Module:
+    """:func:`fuse_ensemble` with ``schedule="iterative"``: fuse ``models[0]`` and ``models[1]``, then the
+    result with ``models[2]``, and so on (each original member keeps weight ``1/N``)."""
+    return fuse_ensemble(models, example_inputs, schedule="iterative", **kwargs)
+
+
+def fuse_hierarchical(models: Sequence[nn.Module], example_inputs: Any, **kwargs: Any) -> nn.Module:
+    """:func:`fuse_ensemble` with ``schedule="hierarchical"``: fuse neighbouring pairs, then pairs of the
+    results, up a binary tree (an odd model out moves up a level unchanged)."""
+    return fuse_ensemble(models, example_inputs, schedule="hierarchical", **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class _Part:
+    """A model standing for ``count`` original members."""
+
+    model: nn.Module
+    count: int
+
+
+def _reduce(parts: list[_Part], step: Callable[[list[_Part]], _Part], schedule: str) -> _Part:
+    if schedule == "all":
+        return step(parts)
+    if schedule == "iterative":
+        result = parts[0]
+        for part in parts[1:]:
+            result = step([result, part])
+        return result
+    while len(parts) > 1:
+        parts = [step(parts[i:i + 2]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def _deduplicate(parts: list[_Part]) -> list[_Part]:
+    """Merge parts whose models are bitwise identical (their count adds up)."""
+    unique: list[tuple[dict[str, torch.Tensor], _Part]] = []
+    for part in parts:
+        state = part.model.state_dict()
+        for k, (other, kept) in enumerate(unique):
+            if all(torch.equal(state[key], other[key]) for key in state):
+                unique[k] = (other, _Part(kept.model, kept.count + part.count))
+                break
+        else:
+            unique.append((state, part))
+    return [part for _, part in unique]
+
+
+def _transplant(parts: list[_Part], inputs: Any, spec: PermutationSpec, scorer: _Scorer, progress: bool) -> _Part:
+    """One transplantation: concatenate ``parts`` (weighted by their counts) and prune back."""
+    total = sum(p.count for p in parts)
+    parts = _deduplicate(parts)
+    if len(parts) == 1:
+        log.info("all %d models are identical; nothing to transplant", total)
+        return _Part(copy.deepcopy(parts[0].model), total)
+    concat = build_concatenation([p.model for p in parts], inputs, spec=spec, weights=[p.count / total for p in parts])
+    return _Part(_prune_to_members(concat, inputs, scorer, progress), total)
+
+
+# --------------------------------------------------------------------------------------------
+# Importance
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Scorer:
+    """Scores units: torch-pruning importance for layer outputs, weight norms for everything else."""
+
+    importance: Importance
+    p: int
+
+
+def _importance(importance: str | Importance) -> _Scorer:
+    if callable(importance):
+        return _Scorer(importance, 2)
+    if importance in ("l1", "l2"):
+        p = 1 if importance == "l1" else 2
+        return _Scorer(tp.importance.GroupMagnitudeImportance(p=p), p)
+    raise EnsembleError(f"unknown importance {importance!r}; expected 'l1', 'l2' or a callable(group) -> scores")
+
+
+_PRUNE_OUT = ((_ConvNd, tp.prune_conv_out_channels), (nn.Linear, tp.prune_linear_out_channels),
+              (nn.Embedding, tp.prune_embedding_out_channels))
+
+
+def _out_axis(module: nn.Module) -> int:
+    return 1 if isinstance(module, _ConvNd) and module.transposed else (1 if isinstance(module, nn.Embedding) else 0)
+
+
+class _Pruner:
+    """Decides which units of a concatenated model survive and removes the others."""
+
+    def __init__(self, concat: Concatenation, inputs: Any, scorer: _Scorer):
+        self.concat, self.scorer = concat, scorer
+        self.model = concat.model
+        self.modules = dict(self.model.named_modules())
+        self.graph = _dependency_graph(self.model, inputs, concat.member_spec)
+        self.state = self.model.state_dict()
+        self._scores: dict[str, torch.Tensor | None] = {}
+        self.links = {link.group.name: link for link in concat.links}
+
+    # ---- scores -------------------------------------------------------------------------------
+
+    def _producer(self, group: PermutationGroup) -> tuple[str, nn.Module, Any, torch.Tensor] | None:
+        """A layer producing the group's units: (name, module, torch-pruning function, index on its outputs)."""
+        members = {(m.name, m.axis): m for m in group.members}
+        for name in group.producers:
+            module = self.modules.get(name)
+            fn = next((f for cls, f in _PRUNE_OUT if isinstance(module, cls)), None)
+            member = members.get((f"{name}.weight", _out_axis(module))) if fn is not None else None
+            if member is not None and module in self.graph.module2node:
+                return name, module, fn, member.index
+        return None
+
+    def _layer_scores(self, name: str, module: nn.Module, fn: Any) -> torch.Tensor | None:
+        """Importance of every output channel of layer ``name`` (cached)."""
+        if name not in self._scores:
+            count = int(module.weight.shape[_out_axis(module)])
+            group = self.graph.get_pruning_group(module, fn, list(range(count)))
+            scores = self.scorer.importance(group)
+            if scores is not None:
+                scores = torch.as_tensor(scores).detach().float().cpu().reshape(-1)
+                if scores.numel() != count or not bool(torch.isfinite(scores).all()):
+                    raise EnsembleError(f"importance returned {tuple(scores.shape)} scores for layer {name!r} with "
+                                        f"{count} output channels; expected {count} finite scores")
+                scores = scores / scores.abs().mean().clamp_min(1e-12)
+            self._scores[name] = scores
+        return self._scores[name]
+
+    def position_scores(self, group: PermutationGroup) -> torch.Tensor:
+        """``(size, block)`` scores of the group's positions (on the producing layer's output axis)."""
+        producer = self._producer(group)
+        if producer is not None:
+            name, module, fn, index = producer
+            scores = self._layer_scores(name, module, fn)
+            if scores is not None:
+                return scores[index]
+        return self._magnitude(group)
+
+    def _magnitude(self, group: PermutationGroup) -> torch.Tensor:
+        """Group p-norm^p of each position over all of the group's tensors (torch-pruning's rule, done
+        through the spec), normalised to mean 1."""
+        block = max(m.block for m in group.members)
+        total = torch.zeros(group.size, block)
+        for member in group.members:
+            tensor = self.state[member.name].detach().float()
+            picked = tensor.index_select(member.axis, member.index.reshape(-1).to(tensor.device))
+            values = picked.movedim(member.axis, 0).reshape(group.size, member.block, -1).abs().pow(self.scorer.p)
+            values = values.sum(-1).cpu()
+            total += values if member.block == block else values.sum(1, keepdim=True) / block
+        return total / total.mean().clamp_min(1e-12)
+
+    # ---- selection ----------------------------------------------------------------------------
+
+    def select(self) -> dict[str, torch.Tensor]:
+        """Group name -> boolean mask over its units (``"units"``, ``"groups"``) or index columns
+        (``"blocks"``) telling what is kept."""
+        keep: dict[str, torch.Tensor] = {}
+        conv_groups: dict[str, torch.Tensor] = {}
+        for link in self.concat.links:
+            if link.pattern == UNITS:
+                keep[link.group.name] = _top(self.position_scores(link.group).sum(1), link.keep)
+            elif link.pattern == BLOCKS:
+                keep[link.group.name] = self._select_blocks(link, conv_groups)
+        families: dict[tuple[str, ...], list[GroupLink]] = defaultdict(list)
+        for link in self.concat.links:
+            if link.pattern == GROUPS:
+                families[link.family].append(link)
+        for members in families.values():
+            keep.update(self._select_family(members, conv_groups))
+        return keep
+
+    def _grouped_conv(self, name: str) -> _ConvNd | None:
+        module = self.modules.get(name)
+        if isinstance(module, _ConvNd) and 1 < module.groups < module.out_channels:
+            return module
+        return None
+
+    def _conv_group_of(self, group: PermutationGroup) -> tuple[str, int] | None:
+        """(grouped conv, conv group index) for a group of a grouped convolution's output channels."""
+        for name in group.producers:
+            conv = self._grouped_conv(name)
+            if conv is not None:
+                index = next(m.index for m in group.members if m.name == f"{name}.weight" and m.axis == 0)
+                return name, int(index.min()) // (conv.out_channels // conv.groups)
+        return None
+
+    def _select_blocks(self, link: GroupLink, conv_groups: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Lock-step units of grouped convolutions / GroupNorm: keep whole conv (norm) groups, i.e.
+        # index columns, scored together with the output channels of each conv group.
+        columns = self.position_scores(link.group).sum(0)
+        for other in self.concat.links:
+            owner = self._conv_group_of(other.group) if other.pattern == GROUPS else None
+            if owner is not None and owner[0] in link.group.consumers and owner[1] < len(columns):
+                columns[owner[1]] += self.position_scores(other.group).sum()
+        kept = _top(columns, link.keep)
+        for name in link.group.consumers:
+            conv = self._grouped_conv(name)
+            if conv is not None and conv.groups == len(columns):
+                conv_groups[name] = kept
+        return kept
+
+    def _select_family(self, links: list[GroupLink], conv_groups: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        decided = {}
+        for link in links:
+            owner = self._conv_group_of(link.group)
+            if owner is not None and owner[0] in conv_groups:  # follows its conv group
+                decided[link.group.name] = conv_groups[owner[0]][owner[1]]
+            elif link.group.kind in ("head_qk", "head_v"):  # whole heads are chosen by the "heads" group
+                decided[link.group.name] = torch.tensor(True)
+        undecided = [link for link in links if link.group.name not in decided]
+        if undecided:  # no structure decides: keep the family's best groups
+            totals = torch.stack([self.position_scores(link.group).sum() for link in undecided])
+            kept = _top(totals, links[0].keep)
+            decided.update({link.group.name: kept[i] for i, link in enumerate(undecided)})
+        return {name: value.expand(self.links[name].group.size).clone() for name, value in decided.items()}
+
+    # ---- removal ------------------------------------------------------------------------------
+
+    def dropped_positions(self, link: GroupLink, kept: torch.Tensor) -> dict[tuple[str, int], torch.Tensor]:
+        """Positions removed from each widened tensor axis of ``link``'s group."""
+        dropped = {}
+        for member in link.group.members:
+            if member.axis not in self.concat.widened.get(member.name, ()):
+                continue
+            if link.pattern == BLOCKS:
+                if member.block != len(kept):
+                    continue
+                positions = member.index[:, ~kept]
+            else:
+                positions = member.index[~kept]
+            dropped[(member.name, member.axis)] = positions.reshape(-1)
+        return dropped
+
+    def torch_pruning_group(self, link: GroupLink, kept: torch.Tensor) -> Any:
+        """The torch-pruning group removing ``link``'s dropped units, or None where torch-pruning would not
+        restore the members' architecture (attention, GroupNorm, grouped convolutions, parameters
+        outside modules): those are pruned through the spec."""
+        producer = self._producer(link.group)
+        if link.pattern != UNITS or link.group.kind != "channels" or producer is None:
+            return None
+        _, module, fn, index = producer
+        group = self.graph.get_pruning_group(module, fn, index[~kept].reshape(-1).tolist())
+        if all(dep.target.type in _TP_SAFE_TYPES and _tp_safe_module(dep.target.module) for dep, _ in group):
+            return group
+        return None
+
+
+def _tp_safe_module(module: Any) -> bool:
+    return not (isinstance(module, _ConvNd) and 1 < module.groups < module.out_channels)
+
+
+def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean mask of the ``count`` largest scores (ties: the earlier position wins)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    mask = torch.zeros(len(scores), dtype=torch.bool)
+    mask[order[:count]] = True
+    return mask
+
+
+def _dependency_graph(model: nn.Module, inputs: Any, spec: PermutationSpec) -> tp.DependencyGraph:
+    params = dict(model.named_parameters())
+    unwrapped = [(params[m.name], m.axis) for g in spec.groups for m in g.members
+                 if m.name in params and m.name in g.producers] or None
+    try:
+        with warnings.catch_warnings(), torch.enable_grad(), eval_mode(model):
+            warnings.simplefilter("ignore")
+            return tp.DependencyGraph().build_dependency(model, inputs, verbose=False, unwrapped_parameters=unwrapped)
+    except Exception as exc:  # torch-pruning raises many kinds of exceptions
+        raise TraceError(f"torch-pruning could not trace the concatenated {type(model).__name__} on inputs of shape "
+                         f"{describe_shapes(inputs)}: {type(exc).__name__}: {exc}") from exc
+
+
+def _prune_to_members(concat: Concatenation, inputs: Any, scorer: _Scorer, progress: bool) -> nn.Module:
+    """Prune the concatenated model back to the members' architecture (in place) and return it."""
+    model = concat.model
+    for name, module in list(model.named_modules()):  # trace and prune plain LayerNorms (same tensors)
+        if isinstance(module, BlockLayerNorm):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.to_layer_norm())
+    pruner = _Pruner(concat, inputs, scorer)
+    keep = pruner.select()
+    links = {link.group.name: link for link in concat.links}
+    by_axis: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for link in concat.links:
+        for member in link.group.members:
+            by_axis[(member.name, member.axis)].append(link.group.name)
+    through_tp = {name for name, link in links.items() if pruner.torch_pruning_group(link, keep[name]) is not None}
+    # A group sharing a tensor axis with a group pruned through the spec is pruned through the spec
+    # too, so that torch-pruning never shifts positions the spec still refers to.
+    changed = True
+    while changed:
+        changed = False
+        for names in by_axis.values():
+            if not through_tp.issuperset(names) and through_tp.intersection(names):
+                through_tp.difference_update(names)
+                changed = True
+    log.debug("pruning %d group(s) with torch-pruning and %d through the spec: %s", len(through_tp),
+              len(links) - len(through_tp), sorted(set(links) - through_tp))
+    dropped: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)
+    for name in tqdm(list(links), desc="transplant", disable=not progress, leave=False):
+        if name in through_tp:  # rebuilt now: earlier prunes may have moved torch-pruning's index mappings
+            pruner.torch_pruning_group(links[name], keep[name]).prune()
+        else:
+            for key_axis, positions in pruner.dropped_positions(links[name], keep[name]).items():
+                dropped[key_axis].append(positions)
+    _remove_positions(model, dropped)
+    probe_forward(model, inputs)
+    _check_member_shapes(model, concat.member_spec)
+    return model
+
+
+def _remove_positions(model: nn.Module, dropped: dict[tuple[str, int], list[torch.Tensor]]) -> None:
+    state = model.state_dict()
+    axes: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    for (key, axis), positions in dropped.items():
+        axes[key].append((axis, torch.cat(positions)))
+    new = {}
+    for key, removals in axes.items():
+        tensor = state[key].detach()
+        for axis, positions in removals:
+            mask = torch.ones(tensor.shape[axis], dtype=torch.bool)
+            mask[positions] = False
+            tensor = tensor.index_select(axis, mask.nonzero().reshape(-1).to(tensor.device))
+        new[key] = tensor.clone()
+    try:
+        resize_tensors(model, new)
+    except ValueError as exc:
+        raise ConcatError(f"cannot prune the concatenated model back: {exc}") from exc
+
+
+def _check_member_shapes(model: nn.Module, spec: PermutationSpec) -> None:
+    state = model.state_dict()
+    missing = [key for key in spec.shapes if key not in state]
+    if missing:
+        raise ConcatError(f"pruning did not restore the members' architecture: {missing[0]!r} is missing")
+    for key, tensor in state.items():
+        expected = spec.shapes.get(key)
+        if expected is None or tuple(tensor.shape) != expected:
+            raise ConcatError(f"pruning did not restore the members' architecture: {key!r} has shape "
+                              f"{tuple(tensor.shape)}, the members have {expected}")
