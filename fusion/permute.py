@@ -30,6 +30,7 @@ __all__ = [
     "inverse_permutation",
     "permute",
     "permute_axis",
+    "axis_order",
     "permute_layer",
     "permute_state_dict",
     "random_permutation",
@@ -113,25 +114,37 @@ def permute_state_dict(
     The input dict and its tensors are not modified; tensors that no permutation touches are
     shared with the input. ``perms`` must already be valid (see :func:`check_permutations`).
     """
-    out = dict(state)
+    orders: dict[tuple[str, int], torch.Tensor] = {}  # composed index order per tensor axis
     for group in _groups(spec):
         perm = perms.get(group.name)
         if perm is None:
             continue
         for member in group.members:
-            out[member.name] = permute_axis(out[member.name], member, perm)
+            order = axis_order(member, perm, state[member.name].shape[member.axis])
+            key = (member.name, member.axis)
+            orders[key] = orders[key][order] if key in orders else order
+    out = dict(state)
+    for (name, axis), order in orders.items():
+        out[name] = out[name].index_select(axis, order.to(out[name].device))
     return out
+
+
+def axis_order(member: AxisMember, perm: torch.Tensor, length: int) -> torch.Tensor:
+    """The ``index_select`` order along ``member``'s axis (of ``length``) that applies ``perm``."""
+    order = torch.arange(length)
+    order[member.index.reshape(-1)] = member.index[perm.cpu()].reshape(-1)
+    return order
 
 
 def permute_axis(tensor: torch.Tensor, member: AxisMember, perm: torch.Tensor) -> torch.Tensor:
     """Return ``tensor`` with the units of one group member reordered by ``perm`` (a new tensor)."""
-    index = member.index.to(tensor.device)
-    order = torch.arange(tensor.shape[member.axis], device=tensor.device)  # identity on the axis
-    order[index.reshape(-1)] = index[perm.to(tensor.device)].reshape(-1)
-    return tensor.index_select(member.axis, order)
+    order = axis_order(member, perm, tensor.shape[member.axis])
+    return tensor.index_select(member.axis, order.to(tensor.device))
 
 
-def _write_state(model: nn.Module, new_state: Mapping[str, torch.Tensor], old_state: Mapping[str, torch.Tensor]) -> None:
+def _write_state(
+    model: nn.Module, new_state: Mapping[str, torch.Tensor], old_state: Mapping[str, torch.Tensor]
+) -> None:
     with torch.no_grad():
         for key, tensor in model.state_dict(keep_vars=True).items():
             if new_state[key] is not old_state[key]:

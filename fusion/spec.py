@@ -200,7 +200,9 @@ class PermutationSpec:
                 raise PermutationError(f"layer {layer!r} produces no permutable units: {skipped.reason}")
         known = sorted({p for g in self.groups for p in g.producers})
         if not any(key.startswith(layer + ".") for key in self.shapes):
-            raise PermutationError(f"no layer named {layer!r} in {self.architecture}; permutable layers: {known[:8]}...")
+            raise PermutationError(
+                f"no layer named {layer!r} in {self.architecture}; permutable layers: {known[:8]}..."
+            )
         raise PermutationError(
             f"layer {layer!r} produces no permutable group (it may be the output layer or only consume "
             f"permuted units); permutable layers include {known[:8]}"
@@ -324,13 +326,49 @@ _PASS_THROUGH = {
 _LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.MultiheadAttention)
 
 
+class _RootMap:
+    """Positions along one tensor axis of each root unit of a torch-pruning group, as tensors."""
+
+    def __init__(self, idxs: Sequence[int], roots: Sequence[int], size: int):
+        positions = torch.as_tensor(list(idxs), dtype=torch.long)
+        root = torch.as_tensor(list(roots), dtype=torch.long)
+        order = torch.argsort(root * (int(positions.max()) + 1 if len(positions) else 1) + positions)
+        self.roots, self.positions = root[order], positions[order]
+        self.counts = torch.bincount(self.roots, minlength=size)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+
+    @property
+    def covered(self) -> torch.Tensor:
+        """(size,) bool: which roots reach this axis."""
+        return self.counts > 0
+
+    def single_positions(self, what: str) -> torch.Tensor:
+        """(size,) the one position of each root (-1 if absent); raises if a root has several."""
+        if int(self.counts.max()) > 1:
+            raise _Unsupported(f"{what} reads one unit at several positions")
+        out = torch.full_like(self.counts, -1)
+        out[self.roots] = self.positions
+        return out
+
+    def rows(self, units: torch.Tensor) -> torch.Tensor | None:
+        """(units, k * c) positions of ``units`` (a (units, k) root matrix), or None if none is reached."""
+        counts = self.counts[units]
+        if not bool(counts.any()):
+            return None
+        c = int(counts.max())
+        if bool((counts != c).any()):
+            raise _Unsupported("units map unevenly onto one tensor axis")
+        index = self.starts[units][..., None] + torch.arange(c)
+        return self.positions[index].reshape(units.shape[0], -1)
+
+
 @dataclass
 class _Entry:
     """One tensor axis of a torch-pruning group, before units are formed."""
 
     key: str
     axis: int
-    mapping: dict[int, list[int]]  # root index -> positions along the axis
+    mapping: _RootMap
     reduce_mod: int = 0  # >0: positions are taken modulo this (a grouped conv's per-group input axis)
 
 
@@ -339,21 +377,14 @@ class _Draft:
     """A torch-pruning group translated into tensor axes, not yet split into units."""
 
     entries: list[_Entry] = field(default_factory=list)
-    producers: list[tuple[str, dict[int, list[int]]]] = field(default_factory=list)  # (name, root mapping)
-    consumers: list[tuple[str, dict[int, list[int]]]] = field(default_factory=list)
-    lockstep: list[tuple[dict[int, list[int]], int]] = field(default_factory=list)  # (mapping, block)
-    partitions: list[dict[int, int]] = field(default_factory=list)  # root -> block it must stay in
+    producers: list[tuple[str, _RootMap]] = field(default_factory=list)
+    consumers: list[tuple[str, _RootMap]] = field(default_factory=list)
+    lockstep: list[tuple[_RootMap, int]] = field(default_factory=list)  # (mapping, block)
+    partitions: list[torch.Tensor] = field(default_factory=list)  # per root: the block it must stay in
     depthwise_in: list[str] = field(default_factory=list)
     out_modules: set = field(default_factory=set)
     reaches_output: bool = False
     size: int = 0
-
-
-def _root_mapping(item: Any) -> dict[int, list[int]]:
-    mapping: dict[int, list[int]] = defaultdict(list)
-    for idx, root in zip(item.idxs, item.root_idxs):
-        mapping[int(root)].append(int(idx))
-    return mapping
 
 
 def _draft_group(graph: tp.DependencyGraph, tp_group: Any, canonical: dict[str, str]) -> _Draft:
@@ -367,7 +398,7 @@ def _draft_group(graph: tp.DependencyGraph, tp_group: Any, canonical: dict[str, 
             continue
         if node.type in _PASS_THROUGH:
             continue
-        mapping = _root_mapping(item)
+        mapping = _RootMap(item.idxs, item.root_idxs, draft.size)
         if node.type == tp.ops.OPTYPE.PARAMETER:
             key = canonical.get(graph._param_to_name[node.module], graph._param_to_name[node.module])
             axis = node.pruning_dim % node.module.dim()
@@ -391,8 +422,9 @@ def _draft_group(graph: tp.DependencyGraph, tp_group: Any, canonical: dict[str, 
             draft.depthwise_in.append(name)
         if is_out and isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups < module.out_channels:
             # a grouped conv's output channel must stay inside its conv group
-            out_block = module.out_channels // module.groups
-            draft.partitions.append({r: p[0] // out_block for r, p in mapping.items()})
+            positions = mapping.single_positions(f"grouped convolution {name}")
+            block_of = positions // (module.out_channels // module.groups)
+            draft.partitions.append(torch.where(positions >= 0, block_of, -1))
         block = 0
         if rule.lockstep > 1:
             channels = module.in_channels if isinstance(module, nn.modules.conv._ConvNd) else module.num_channels
@@ -405,44 +437,36 @@ def _draft_group(graph: tp.DependencyGraph, tp_group: Any, canonical: dict[str, 
     return draft
 
 
-def _units(draft: _Draft) -> list[list[int]]:
-    """Root indices of each unit: one root per unit, or lock-step orbits inside conv groups."""
-    roots = sorted({r for e in draft.entries for r in e.mapping} | set(range(draft.size)))
+def _units(draft: _Draft) -> torch.Tensor:
+    """(units, k) root indices of each unit: one root per unit, or the lock-step orbits of the
+    roots inside the conv groups of a grouped layer that reads them (ordered by conv group)."""
     if not draft.lockstep:
-        return [[r] for r in roots]
-    partitions = []
+        return torch.arange(draft.size)[:, None]
+    orbit_sets = []
+    units = None
     for mapping, block in draft.lockstep:
-        orbits: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        for root, positions in mapping.items():
-            if len(positions) != 1:
-                raise _Unsupported("a grouped layer reads one unit at several positions")
-            orbits[positions[0] % block].append((positions[0] // block, root))
-        partitions.append([[root for _, root in sorted(orbit)] for _, orbit in sorted(orbits.items())])
-    first = partitions[0]
-    if any(sorted(map(sorted, p)) != sorted(map(sorted, first)) for p in partitions[1:]):
+        positions = mapping.single_positions("a grouped layer")
+        if bool((positions < 0).any()):
+            raise _Unsupported("a grouped layer reads only part of the units")
+        order = torch.argsort((positions % block) * (int(positions.max()) + 1) + positions // block)
+        orbits = order.reshape(block, -1)  # row u: the roots at within-group position u, by conv group
+        orbit_sets.append({tuple(sorted(row.tolist())) for row in orbits})
+        units = orbits if units is None else units
+    if any(other != orbit_sets[0] for other in orbit_sets[1:]):
         raise _Unsupported("grouped layers with incompatible group structures read the same units")
-    covered = {r for unit in first for r in unit}
-    if covered != set(roots):
-        raise _Unsupported("a grouped layer reads only part of the units")
-    return first
+    return units
 
 
-def _member_index(entry: _Entry, units: list[list[int]]) -> torch.Tensor | None:
+def _member_index(entry: _Entry, units: torch.Tensor) -> torch.Tensor | None:
     """(size, block) positions of ``units`` along the entry's axis, or None if it covers none."""
-    rows = []
-    for unit in units:
-        positions: list[int] = []
-        for root in unit:
-            positions.extend(sorted(entry.mapping.get(root, ())))
-        if entry.reduce_mod:
-            positions = sorted({p % entry.reduce_mod for p in positions})
-        rows.append(positions)
-    lengths = {len(r) for r in rows}
-    if lengths == {0}:
+    index = entry.mapping.rows(units)
+    if index is None:
         return None
-    if len(lengths) != 1:
-        raise _Unsupported(f"units map unevenly onto {entry.key} (axis {entry.axis})")
-    index = torch.tensor(rows, dtype=torch.long)
+    if entry.reduce_mod:  # the grouped conv's weight sees the within-group position only
+        index = index % entry.reduce_mod
+        if bool((index != index[:, :1]).any()):
+            raise _Unsupported(f"units reach {entry.key} at different positions within their conv groups")
+        index = index[:, :1]
     if index.unique().numel() != index.numel():
         raise _Unsupported(f"one position of {entry.key} (axis {entry.axis}) belongs to several units")
     return index
@@ -454,24 +478,23 @@ def _groups_from_draft(draft: _Draft, order: dict[str, int]) -> list[Permutation
     if missing:
         raise _Unsupported(f"depthwise convolution {missing[0]} is coupled to its input only")
     units = _units(draft)
-    if draft.partitions and any(len(unit) > 1 for unit in units):
+    if draft.partitions and units.shape[1] > 1:
         raise _Unsupported("units are read by one grouped layer and written by another")
     # Units covered by exactly the same tensors (and conv groups) can be permuted among themselves.
+    covered = torch.stack([e.mapping.covered[units].any(1) for e in draft.entries], dim=1)  # (units, entries)
+    blocks = torch.stack([p[units[:, 0]] for p in draft.partitions], 1) if draft.partitions else covered[:, :0]
     signature: dict[tuple, list[int]] = defaultdict(list)
-    for u, unit in enumerate(units):
-        covered = tuple(i for i, e in enumerate(draft.entries) if any(r in e.mapping for r in unit))
-        blocks = tuple(part.get(unit[0], -1) for part in draft.partitions)
-        signature[(covered, blocks)].append(u)
+    for u, (row, block) in enumerate(zip(covered.tolist(), blocks.tolist())):
+        signature[(tuple(row), tuple(block))].append(u)
     drafts = []
-    for (covered, _), cell in sorted(signature.items(), key=lambda kv: kv[1][0]):
-        cell_units = [units[u] for u in cell]
-        roots = {r for unit in cell_units for r in unit}
-        producers = [n for n, mp in draft.producers if roots & mp.keys()]
-        consumers = [n for n, mp in draft.consumers if roots & mp.keys()]
+    for (row, _), cell in sorted(signature.items(), key=lambda kv: kv[1][0]):
+        cell_units = units[cell]
+        producers = [n for n, mp in draft.producers if bool(mp.covered[cell_units].any())]
+        consumers = [n for n, mp in draft.consumers if bool(mp.covered[cell_units].any())]
         if len(cell) < 2 or not consumers:
             continue
         merged: dict[tuple[str, int], torch.Tensor] = {}
-        for i in covered:
+        for i in (i for i, hit in enumerate(row) if hit):
             entry = draft.entries[i]
             index = _member_index(entry, cell_units)
             if index is None:

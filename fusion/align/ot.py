@@ -75,7 +75,9 @@ def _transport_axis(tensor: torch.Tensor, axis: int, pairs: list, length: int) -
     out[free_a.to(out.device)] = flat[free_b.to(flat.device)]
     for member_a, member_b, mapping in pairs:
         if member_a.block != member_b.block:
-            raise AlignmentError(f"{member_a.name} (axis {axis}): units span {member_a.block} vs {member_b.block} positions")
+            raise AlignmentError(
+                f"{member_a.name} (axis {axis}): units span {member_a.block} vs {member_b.block} positions"
+            )
         rows = flat[member_b.index.reshape(-1).to(flat.device)].reshape(member_b.index.shape[0], member_b.block, -1)
         mixed = torch.einsum("ij,jbr->ibr", mapping.to(flat.device, flat.dtype), rows)
         out[member_a.index.reshape(-1).to(out.device)] = mixed.reshape(-1, flat.shape[1])

@@ -45,9 +45,12 @@ class PairStats:
     cross: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.sum_a, self.sq_a = torch.zeros(self.size_a, dtype=torch.float64), torch.zeros(self.size_a, dtype=torch.float64)
-        self.sum_b, self.sq_b = torch.zeros(self.size_b, dtype=torch.float64), torch.zeros(self.size_b, dtype=torch.float64)
-        self.cross = torch.zeros(self.size_a, self.size_b, dtype=torch.float64)
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float64)
+
+        self.sum_a, self.sq_a = zeros(self.size_a), zeros(self.size_a)
+        self.sum_b, self.sq_b = zeros(self.size_b), zeros(self.size_b)
+        self.cross = zeros(self.size_a, self.size_b)
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Fold in samples ``a`` (n, size_a) and ``b`` (n, size_b) observed on the same inputs."""
@@ -115,12 +118,14 @@ def capture_site(group: PermutationGroup, modules: dict[str, nn.Module]) -> Capt
     by_name = {m.name: m for m in group.members}
     for consumer in group.consumers:
         module = modules.get(consumer)
-        if isinstance(module, nn.Linear) and f"{consumer}.weight" in by_name and by_name[f"{consumer}.weight"].axis == 1:
-            return CaptureSite(consumer, True, -1, by_name[f"{consumer}.weight"])
-        if (isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1
-                and not isinstance(module, nn.modules.conv._ConvTransposeNd)
-                and by_name.get(f"{consumer}.weight", None) is not None and by_name[f"{consumer}.weight"].axis == 1):
-            return CaptureSite(consumer, True, 1, by_name[f"{consumer}.weight"])
+        weight = by_name.get(f"{consumer}.weight")
+        if weight is None or weight.axis != 1:
+            continue
+        if isinstance(module, nn.Linear):
+            return CaptureSite(consumer, True, -1, weight)
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1 \
+                and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+            return CaptureSite(consumer, True, 1, weight)
     if group.kind != "channels":
         return None
     for member in group.members:

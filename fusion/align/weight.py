@@ -25,7 +25,14 @@ from ..permute import (
 )
 from ..spec import AxisMember, PermutationGroup, PermutationSpec
 
-__all__ = ["group_similarity", "layerwise_matching", "matching_objective", "solve_assignment", "unit_rows", "weight_matching"]
+__all__ = [
+    "group_similarity",
+    "layerwise_matching",
+    "matching_objective",
+    "solve_assignment",
+    "unit_rows",
+    "weight_matching",
+]
 
 log = logging.getLogger(__name__)
 
