@@ -226,3 +226,19 @@ def test_a_failed_concatenation_leaves_the_inputs_untouched() -> None:
         concat_models(copy.copy(members), torch.randn(2, 3, 8, 8))
     for model, state in zip(members, before):
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+class DataDependentMLP(hm.MLP):
+    """An MLP whose forward reads a tensor value (so it cannot be traced on the meta device)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 if float(x.abs().max()) < 1e6 else 1e-6
+        return super().forward(x * scale)
+
+
+def test_models_that_cannot_run_on_the_meta_device_are_traced_with_real_tensors() -> None:
+    members = seeded(DataDependentMLP)
+    x = torch.randn(4, 8)
+    wide = concat_models(members, x)
+    with torch.no_grad():
+        assert relative_difference(wide(x), ensemble_mean(members, x)) <= EQUIV_TOL

@@ -34,7 +34,10 @@ def assert_loads_into_member(fused: nn.Module, member: nn.Module) -> None:
     fresh.load_state_dict(fused.state_dict(), strict=True)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+TORCHVISION = ("resnet18", "mobilenet_v2")  # also covered, faster, by the consistency test below
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in TORCHVISION else n for n in CASES])
 def test_fused_model_has_the_members_architecture(name: str) -> None:
     members, x = make_members(name, 2)
     fused = fuse_ensemble(members, x, progress=False)

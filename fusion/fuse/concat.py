@@ -43,9 +43,9 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..checks import check_models, check_weights, eval_mode, model_device, move_inputs, run_model
-from ..errors import EnsembleError, ExampleInputError, FusionError
+from ..errors import EnsembleError, FusionError
 from ..spec import PermutationGroup, PermutationSpec, permutation_spec, relative_difference
-from .layers import BlockLayerNorm, owner_of, resize_tensors
+from .layers import BlockLayerNorm, owner_of, resize_tensors, set_submodule
 
 __all__ = ["ConcatError", "Concatenation", "GroupLink", "build_concatenation", "check_members", "concat_models"]
 
@@ -96,6 +96,7 @@ class Concatenation:
         links: one :class:`GroupLink` per group of ``spec``.
         widened: canonical state-dict key -> axes that were widened ``N`` times.
         num_members: ``N``.
+        layer_norms: module name -> member 0's LayerNorm that a BlockLayerNorm replaced.
     """
 
     model: nn.Module
@@ -104,6 +105,7 @@ class Concatenation:
     links: tuple[GroupLink, ...]
     widened: dict[str, frozenset[int]]
     num_members: int
+    layer_norms: dict[str, nn.Module]
 
 
 def check_members(models: Sequence[nn.Module], caller: str) -> list[nn.Module]:
@@ -181,18 +183,10 @@ def build_concatenation(
     scaled = _scaled_tensors(models[0], widened)
     _check_shared_tensors(models, spec, widened, scaled)
 
-    wide = copy.deepcopy(models[0])
-    state = wide.state_dict()
-    try:
-        resize_tensors(wide, {key: torch.zeros(_wide_shape(state[key].shape, axes, count), dtype=state[key].dtype,
-                                               device=state[key].device) for key, axes in widened.items()})
-    except ValueError as exc:
-        raise ConcatError(f"cannot widen the model: {exc}") from exc
-    probe_forward(wide, inputs)
-    wide_spec = permutation_spec(wide, inputs, verify=False, unwrapped_parameters=_unwrapped(models[0], spec))
+    wide, wide_spec = _traced_skeleton(models[0], spec, widened, count, inputs)
     links, maps = _match_groups(spec, wide_spec, widened, models[0].state_dict(), count)
     _fill(wide, models, maps, widened, scaled, weights)
-    _use_block_layer_norms(wide, models[0], maps)
+    layer_norms = _use_block_layer_norms(wide, models[0], maps)
     if reference is not None:
         with torch.no_grad(), eval_mode(wide):
             diff = relative_difference(run_model(wide, inputs), reference)
@@ -203,7 +197,8 @@ def build_concatenation(
                 f"(skipped groups: {[s.name for s in spec.skipped]})"
             )
         log.debug("concatenation of %d models verified (relative difference %.2e)", count, diff)
-    return Concatenation(wide, spec, wide_spec, tuple(links), {k: frozenset(v) for k, v in widened.items()}, count)
+    return Concatenation(wide, spec, wide_spec, tuple(links), {k: frozenset(v) for k, v in widened.items()}, count,
+                         layer_norms)
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,6 +429,52 @@ def _write_positions(
 
 
 # --------------------------------------------------------------------------------------------
+# The wide skeleton
+# --------------------------------------------------------------------------------------------
+
+
+def _traced_skeleton(
+    model: nn.Module, spec: PermutationSpec, widened: dict[str, set[int]], count: int, inputs: Any
+) -> tuple[nn.Module, PermutationSpec]:
+    """A copy of ``model`` with widened tensors (uninitialised, on ``model``'s device) and its spec.
+
+    The skeleton is traced on the meta device, so that neither it nor the copy that
+    :func:`~fusion.permutation_spec` makes takes memory; models that cannot run on the meta device
+    are traced with real (zero) tensors instead.
+    """
+    device = model_device(model)
+    for trace_device in (torch.device("meta"), device):
+        wide = copy.deepcopy(model).to(trace_device)
+        state = wide.state_dict()
+        try:
+            resize_tensors(wide, {key: torch.zeros(_wide_shape(state[key].shape, axes, count), dtype=state[key].dtype,
+                                                   device=trace_device) for key, axes in widened.items()})
+        except ValueError as exc:
+            raise ConcatError(f"cannot widen the model: {exc}") from exc
+        try:
+            probe_forward(wide, move_inputs(inputs, trace_device))
+            wide_spec = permutation_spec(wide, inputs, verify=False, unwrapped_parameters=_unwrapped(model, spec))
+        except FusionError as exc:
+            if trace_device == device:
+                raise
+            log.debug("tracing the widened model on the meta device failed (%s); tracing real tensors", exc)
+            continue
+        if trace_device != device:
+            wide.to_empty(device=device)  # every tensor is then written by _fill
+        return wide, wide_spec
+    raise AssertionError("unreachable")
+
+
+def _copy_non_persistent_buffers(wide: nn.Module, model: nn.Module) -> None:
+    """Buffers outside the state dict (never widened) are copied from ``model``."""
+    keys = set(model.state_dict())
+    for name, buffer in model.named_buffers():
+        if name not in keys and buffer is not None:
+            _, module, local = owner_of(wide, name)
+            module._buffers[local] = buffer.clone()
+
+
+# --------------------------------------------------------------------------------------------
 # Writing the members into the skeleton
 # --------------------------------------------------------------------------------------------
 
@@ -449,6 +490,7 @@ def _fill(
     states = [m.state_dict() for m in models]
     canonical = _canonical(wide)
     with torch.no_grad():
+        _copy_non_persistent_buffers(wide, models[0])
         for key, target in wide.state_dict().items():
             if canonical[key] != key:
                 continue  # tied: written through its first name
@@ -459,6 +501,7 @@ def _fill(
                 else:
                     target.copy_(states[0][key])
                 continue
+            target.zero_()
             for k, state in enumerate(states):
                 source = state[key]
                 index = []
@@ -470,9 +513,16 @@ def _fill(
                 target[tuple(index)] = source * weights[k] if key in scaled else source
 
 
-def _use_block_layer_norms(wide: nn.Module, member: nn.Module, maps: dict[tuple[str, int], torch.Tensor]) -> None:
-    """Replace every LayerNorm whose axis was widened by a BlockLayerNorm over the members' slices."""
+def _use_block_layer_norms(
+    wide: nn.Module, member: nn.Module, maps: dict[tuple[str, int], torch.Tensor]
+) -> dict[str, nn.Module]:
+    """Replace every LayerNorm whose axis was widened by a BlockLayerNorm over the members' slices.
+
+    Returns:
+        Name -> the member's LayerNorm, for each replaced layer.
+    """
     member_modules = dict(member.named_modules())
+    replaced = {}
     for name, module in list(wide.named_modules()):
         if not isinstance(module, nn.LayerNorm) or isinstance(module, BlockLayerNorm):
             continue
@@ -489,8 +539,9 @@ def _use_block_layer_norms(wide: nn.Module, member: nn.Module, maps: dict[tuple[
             if not torch.equal(table.sort(dim=1).values, expected):
                 raise ConcatError(f"LayerNorm {name!r}: the members' features are not contiguous slices of the "
                                   f"concatenated axis, so they cannot be normalised separately")
-        parent_name, _, child = name.rpartition(".")
-        setattr(wide.get_submodule(parent_name), child, BlockLayerNorm.from_layer_norm(module, block))
+        set_submodule(wide, name, BlockLayerNorm.from_layer_norm(module, block))
+        replaced[name] = original
+    return replaced
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,7 +578,7 @@ def probe_forward(model: nn.Module, inputs: Any) -> None:
     try:
         with torch.no_grad(), eval_mode(model):
             run_model(model, inputs)
-    except (ExampleInputError, ValueError) as exc:
+    except Exception as exc:  # the model's own code may raise anything
         layer = running[-1] if running else type(model).__name__
         cause = exc.__cause__ or exc
         raise ConcatError(f"the resized {type(model).__name__} fails in layer {layer!r}: {cause}") from exc

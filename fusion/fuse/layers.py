@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-__all__ = ["BlockLayerNorm", "WIDTH_ATTRIBUTES", "resize_tensors", "owner_of"]
+__all__ = ["BlockLayerNorm", "WIDTH_ATTRIBUTES", "owner_of", "resize_tensors", "set_submodule"]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,12 @@ def owner_of(model: nn.Module, key: str) -> tuple[str, nn.Module, str]:
     """``(module name, module, local name)`` of the parameter or buffer called ``key``."""
     module_name, _, local = key.rpartition(".")
     return module_name, model.get_submodule(module_name), local
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called ``name`` (e.g. ``"encoder.ln"``) by ``module``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
 
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:

@@ -59,7 +59,7 @@ from .concat import (
     check_members,
     probe_forward,
 )
-from .layers import BlockLayerNorm, resize_tensors
+from .layers import resize_tensors, set_submodule
 
 __all__ = ["SCHEDULES", "fuse_ensemble", "fuse_hierarchical", "fuse_iterative"]
 
@@ -331,8 +331,9 @@ class _Pruner:
         for name in group.producers:
             conv = self._grouped_conv(name)
             if conv is not None:
-                index = next(m.index for m in group.members if m.name == f"{name}.weight" and m.axis == 0)
-                return name, int(index.min()) // (conv.out_channels // conv.groups)
+                index = next((m.index for m in group.members if m.name == f"{name}.weight" and m.axis == 0), None)
+                if index is not None:
+                    return name, int(index.min()) // (conv.out_channels // conv.groups)
         return None
 
     def _select_blocks(self, link: GroupLink, conv_groups: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -424,10 +425,12 @@ def _dependency_graph(model: nn.Module, inputs: Any, spec: PermutationSpec) -> t
 def _prune_to_members(concat: Concatenation, inputs: Any, scorer: _Scorer, progress: bool) -> nn.Module:
     """Prune the concatenated model back to the members' architecture (in place) and return it."""
     model = concat.model
-    for name, module in list(model.named_modules()):  # trace and prune plain LayerNorms (same tensors)
-        if isinstance(module, BlockLayerNorm):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.to_layer_norm())
+    for name, original in concat.layer_norms.items():  # the members' LayerNorms, at the wide width
+        block = model.get_submodule(name)
+        norm = copy.deepcopy(original)
+        norm.weight, norm.bias, norm.normalized_shape = block.weight, block.bias, block.normalized_shape
+        norm.train(block.training)
+        set_submodule(model, name, norm)
     pruner = _Pruner(concat, inputs, scorer)
     keep = pruner.select()
     links = {link.group.name: link for link in concat.links}
