@@ -305,6 +305,10 @@ def _axis_rule(module: nn.Module, is_out: bool, name: str) -> _AxisRule:
         if module.out_proj.bias is not None:
             tensors.append(("out_proj.bias", 0))
         return _AxisRule(tensors)
+    if isinstance(module, nn.RNNBase):
+        if is_out:
+            raise _Unsupported(f"hidden units of recurrent layer {name}")
+        return _AxisRule([(n, 1) for n in ("weight_ih_l0", "weight_ih_l0_reverse") if hasattr(module, n)])
     if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
         raise _Unsupported(f"no permutation rule for {type(module).__name__} {name}")
     return _AxisRule([])
@@ -323,7 +327,7 @@ _PASS_THROUGH = {
     tp.ops.OPTYPE.EXPAND,
     tp.ops.OPTYPE.SLICE,
 }
-_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.MultiheadAttention)
+_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.MultiheadAttention, nn.RNNBase)
 
 
 class _RootMap:

@@ -142,3 +142,31 @@ def randomize_bn(model: nn.Module, example: torch.Tensor, steps: int = 3) -> nn.
         for _ in range(steps):
             model(torch.randn(4, *example.shape[1:]))
     return model.eval()
+
+
+class UNet(nn.Module):
+    """Encoder-decoder with a transposed convolution and a skip concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.e1, self.e2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.d1, self.out = nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        a = F.relu(self.e1(x))
+        u = F.relu(self.up(F.relu(self.e2(a))))
+        return self.out(F.relu(self.d1(torch.cat([u, a], 1))))
+
+
+class Recurrent(nn.Module):
+    """Embedding and a linear layer feeding an LSTM, whose hidden units are not permuted."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.pre = nn.Embedding(20, 8), nn.Linear(8, 8)
+        self.lstm, self.fc = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 5)
+
+    def forward(self, tokens):
+        hidden, _ = self.lstm(F.relu(self.pre(self.embed(tokens))))
+        return self.fc(hidden[:, -1])

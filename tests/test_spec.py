@@ -6,7 +6,19 @@ import pytest
 import torch
 import torchvision
 from conftest import EQUIV_TOL
-from hand_models import MLP, Chunk, Concat, Depthwise, Grouped, Residual, TiedEmbedding, randomize_bn, tiny_vit
+from hand_models import (
+    MLP,
+    Chunk,
+    Concat,
+    Depthwise,
+    Grouped,
+    Recurrent,
+    Residual,
+    TiedEmbedding,
+    UNet,
+    randomize_bn,
+    tiny_vit,
+)
 from torch import nn
 
 import fusion
@@ -22,6 +34,8 @@ HAND_MODELS = {
     "depthwise": (Depthwise, IMAGE),
     "grouped": (Grouped, IMAGE),
     "vit": (tiny_vit, torch.randn(2, 3, 16, 16)),
+    "unet": (UNet, IMAGE),
+    "recurrent": (Recurrent, torch.randint(0, 20, (2, 6))),
 }
 
 
@@ -222,3 +236,17 @@ def test_resnet18_spec_on_real_model():
     spec = fusion.permutation_spec(model, x)
     assert len(spec.groups) == 12
     assert [s.name for s in spec.skipped] == ["fc"]
+
+
+def test_transposed_conv_moves_its_second_weight_axis():
+    model, x = build("unet")
+    spec = fusion.permutation_spec(model, x)
+    assert ("up.weight", 1) in spec.group("up").axes and ("up.weight", 0) in spec.group("e2").axes
+    assert ("d1.weight", 1) in spec.group("e1").axes  # the skip concatenation's second slice
+
+
+def test_recurrent_hidden_units_are_refused_but_its_inputs_move():
+    model, x = build("recurrent")
+    spec = fusion.permutation_spec(model, x)
+    assert ("lstm.weight_ih_l0", 1) in spec.group("pre").axes
+    assert any(s.name == "lstm" and "recurrent" in s.reason for s in spec.skipped)
