@@ -242,3 +242,15 @@ def test_models_that_cannot_run_on_the_meta_device_are_traced_with_real_tensors(
     wide = concat_models(members, x)
     with torch.no_grad():
         assert relative_difference(wide(x), ensemble_mean(members, x)) <= EQUIV_TOL
+
+
+class SoftmaxMLP(hm.MLP):
+    """An MLP returning probabilities: their mean is not the softmax of the averaged logits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(super().forward(x), dim=1)
+
+
+def test_a_non_linear_output_is_reported_instead_of_a_wrong_model() -> None:
+    with pytest.raises(ConcatError, match="does not reproduce the ensemble mean"):
+        concat_models(seeded(SoftmaxMLP), torch.randn(4, 8))

@@ -193,8 +193,9 @@ def build_concatenation(
         if diff > VERIFY_TOL:
             raise ConcatError(
                 f"the concatenated {type(wide).__name__} does not reproduce the ensemble mean on example_inputs "
-                f"(relative difference {diff:.2e}); a layer outside the permutation spec mixes the members "
-                f"(skipped groups: {[s.name for s in spec.skipped]})"
+                f"(relative difference {diff:.2e}): either the model transforms its output layer's result "
+                f"non-linearly (e.g. a softmax inside forward; the concatenation averages the output layer), or "
+                f"a layer outside the permutation spec mixes the members (skipped: {[s.name for s in spec.skipped]})"
             )
         log.debug("concatenation of %d models verified (relative difference %.2e)", count, diff)
     return Concatenation(wide, spec, wide_spec, tuple(links), {k: frozenset(v) for k, v in widened.items()}, count,
