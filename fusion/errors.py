@@ -21,6 +21,7 @@ __all__ = [
     "EnsembleError",
     "AlignmentError",
     "WidthMismatchError",
+    "ConcatError",
     "BendingError",
     "StitchError",
     "CheckpointError",
@@ -73,6 +74,10 @@ class AlignmentError(FusionError, ValueError):
 
 class WidthMismatchError(ArchitectureMismatchError, AlignmentError):
     """Two models share an architecture but not their widths, and the method needs equal widths."""
+
+
+class ConcatError(FusionError, ValueError):
+    """Models cannot be concatenated exactly (a layer or construct without a concatenation rule)."""
 
 
 class BendingError(FusionError, ValueError):

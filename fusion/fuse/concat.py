@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from ..checks import check_models, check_weights, eval_mode, model_device, move_inputs, run_model
-from ..errors import EnsembleError, FusionError
+from ..errors import ConcatError, EnsembleError, FusionError
 from ..spec import PermutationGroup, PermutationSpec, permutation_spec, relative_difference
 from .layers import BlockLayerNorm, owner_of, resize_tensors, set_submodule
 
@@ -57,10 +57,6 @@ VERIFY_TOL = 1e-4
 
 #: Patterns relating a wide group to the members' groups (see :class:`GroupLink`).
 UNITS, BLOCKS, GROUPS = "units", "blocks", "groups"
-
-
-class ConcatError(FusionError, ValueError):
-    """The models cannot be concatenated exactly (a layer or construct without a concatenation rule)."""
 
 
 @dataclass(frozen=True, eq=False)
