@@ -1,0 +1,110 @@
+"""The numbered experiments in --quick mode: they run, write their results and show what they claim."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fusion.errors import DataError
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+@pytest.fixture(scope="module")
+def load():
+    """Import an experiment script as a module (the scripts import their sibling ``common``)."""
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+
+
+def _png(path: Path) -> None:
+    assert Image.open(path).format == "PNG"
+
+
+def test_ex03_alignment_lowers_the_barrier(load, tmp_path) -> None:
+    results = load("ex03_rebasin_barriers").main(["--quick", "--quiet", "--widths", "1", "--output-dir", str(tmp_path)])
+    (row,) = results["rows"]
+    methods = ("naive", "weight", "activation", "ot")
+    assert set(row["barrier"]) == {f"{m}{r}" for m in methods for r in ("", " + REPAIR")}
+    assert row["barrier"]["weight"] < row["barrier"]["naive"]
+    assert row["barrier"]["weight + REPAIR"] <= row["barrier"]["weight"]
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["width_multiplier"] == 1
+    _png(tmp_path / "barrier_vs_width.png")
+
+
+def test_ex04_writes_the_coverage_table_and_updates_the_readme_section(load, tmp_path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\n<!-- coverage:start -->\nold\n<!-- coverage:end -->\n\nrest\n")
+    results = load("ex04_zoo_equivalence").main(["--quiet", "--models", "squeezenet1_1", "shufflenet_v2_x0_5",
+                                                 "--output-dir", str(tmp_path / "out"), "--update-readme", str(readme)])
+    rows = {r["model"]: r for r in results["rows"]}
+    assert rows["squeezenet1_1"]["max_rel_diff"] < 1e-5 and rows["squeezenet1_1"]["groups"] > 0
+    assert rows["shufflenet_v2_x0_5"]["note"]  # not traceable: listed with the reason
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("# Title") and text.endswith("rest\n")
+    assert "| squeezenet1_1 |" in text and "| shufflenet_v2_x0_5 |" in text
+    assert "| squeezenet1_1 |" in (tmp_path / "out" / "coverage.md").read_text()
+
+
+def test_ex04_refuses_a_readme_without_markers_before_surveying(load, tmp_path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    with pytest.raises(DataError, match="lacks the markers"):
+        load("ex04_zoo_equivalence").main(["--quiet", "--models", "resnet18", "--output-dir", str(tmp_path / "out"),
+                                           "--update-readme", str(readme)])
+    assert readme.read_text() == "no markers here\n"
+    assert not (tmp_path / "out" / "coverage.json").exists()
+
+
+def test_experiment_scripts_report_bad_input_in_one_line(load, monkeypatch, capsys, tmp_path) -> None:
+    module = load("ex03_rebasin_barriers")
+    monkeypatch.setattr(sys, "argv", ["ex03", "--dataset", "cifar10", "--data-root", str(tmp_path / "absent"),
+                                      "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        module.common.script_main(module.main)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cifar10") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_ex01_swaps_are_equivalent_and_curves_are_analysed(load, tmp_path) -> None:
+    results = load("ex01_neuron_swap_curves").main(["--quick", "--quiet", "--output-dir", str(tmp_path)])
+    assert list(results["depths"]) == ["early", "mid", "late"]
+    for depth, row in results["depths"].items():
+        assert row["verification"]["max_relative_difference"] < 1e-5
+        assert 0.0 <= row["locality_at_midpoint"] <= 1.0
+        folder = tmp_path / f"{depth}2"
+        summary = json.loads((folder / "analysis_summary.json").read_text())
+        assert summary["num_points"] == 11 and summary["metadata"]["layer"] == row["layer"]
+        assert Image.open(folder / "layer_distances_evolution.gif").n_frames == 11
+        _png(folder / "layer_distances_evolution_heatmap.png")
+        assert json.loads((folder / "checkpoint_metadata.json").read_text())["neurons"] == row["neurons"]
+
+
+def test_ex02_transplantation_study_covers_every_part(load, tmp_path) -> None:
+    results = load("ex02_transplantation").main(["--quick", "--quiet", "--output-dir", str(tmp_path)])
+    assert set(results["count"]) == {"2", "4"}
+    assert len(results["order"]) == 4  # the wide model and three orders
+    nt = results["count"]["2"]["transplant"]
+    assert nt["after_ft"]["loss"] < nt["before_ft"]["loss"]  # sacrifice, then recover
+    assert {r["method"] for r in results["methods"]} >= {"ensemble", "transplant", "transplant + ft"}
+    _png(tmp_path / "recovery.png")
+    _png(tmp_path / "count.png")
+
+
+@pytest.mark.slow
+def test_ex05_stitching_and_cka_by_depth(load, tmp_path) -> None:
+    results = load("ex05_stitching").main(["--quick", "--quiet", "--output-dir", str(tmp_path)])
+    for row in results["rows"]:
+        assert row["cka"]["A vs B"] == pytest.approx(row["cka"]["A vs aligned B"], abs=1e-6)  # CKA ignores permutations
+        assert 0.0 <= row["stitch_linear"] <= 1.0
+    _png(tmp_path / "stitching_by_depth.png")
