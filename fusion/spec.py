@@ -37,6 +37,7 @@ from torch import nn
 
 from .checks import describe_shapes, eval_mode, move_inputs, run_model
 from .errors import PermutationError, SpecMismatchError, TraceError
+from .guard import memory_guard
 
 __all__ = [
     "AxisMember",
@@ -774,7 +775,9 @@ def permutation_spec(
     groups: list[PermutationGroup] = []
     skipped: list[SkippedGroup] = []
     ignored_names = {graph._module2name.get(m, "") for m in ignored}
-    for tp_group in graph.get_all_groups(root_module_types=(nn.Module,)):
+    with memory_guard(f"building the dependency groups of {type(model).__name__}"):
+        tp_groups = list(graph.get_all_groups(root_module_types=(nn.Module,)))
+    for tp_group in tp_groups:
         try:
             draft = _draft_group(graph, tp_group, canonical)
         except _Unsupported as exc:
