@@ -459,12 +459,12 @@ class DemoBudget:
         limit: keep at most this many samples per split (None: all of digits).
     """
 
-    mlp_hidden: tuple[int, ...] = (128, 128)
+    mlp_hidden: tuple[int, ...] = (256, 256)
     mlp_epochs: int = 10
-    resnet_width: int = 8
-    resnet_epochs: int = 4
+    resnet_width: int = 16
+    resnet_epochs: int = 6
     steps: int = 11
-    finetune_epochs: int = 1
+    finetune_epochs: int = 2
     limit: int | None = None
 
 

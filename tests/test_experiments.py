@@ -64,6 +64,15 @@ def test_ex04_refuses_a_readme_without_markers_before_surveying(load, tmp_path) 
     assert not (tmp_path / "out" / "coverage.json").exists()
 
 
+def test_ex04_resume_reuses_the_rows_of_an_interrupted_run(load, tmp_path) -> None:
+    module = load("ex04_zoo_equivalence")
+    first = module.main(["--quiet", "--models", "squeezenet1_1", "--output-dir", str(tmp_path)])["rows"][0]
+    again = module.main(["--quiet", "--resume", "--models", "squeezenet1_1", "mobilenet_v3_small",
+                         "--output-dir", str(tmp_path)])["rows"]
+    assert again[0] == first  # reused, not re-measured (the spec time would differ)
+    assert again[1]["model"] == "mobilenet_v3_small" and again[1]["groups"] > 0
+
+
 def test_experiment_scripts_report_bad_input_in_one_line(load, monkeypatch, capsys, tmp_path) -> None:
     module = load("ex03_rebasin_barriers")
     monkeypatch.setattr(sys, "argv", ["ex03", "--dataset", "cifar10", "--data-root", str(tmp_path / "absent"),
