@@ -660,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     demo = add("demo", _cmd_demo, "train, align and fuse small models on the embedded digits data and compare "
-               "every fusion method (default output: results/demo)", [common])
+               "every fusion method (default output: results/demo; one torch thread unless --threads)", [common])
     demo.add_argument("--quick", action="store_true", help="a tiny budget (a few seconds; for tests)")
 
     spec = add("spec", _cmd_spec, "print a model's permutation groups and their coverage",
