@@ -120,6 +120,8 @@ def permute_state_dict(
         if perm is None:
             continue
         for member in group.members:
+            if member.name not in state:  # a partial state dict: only its tensors are permuted
+                continue
             order = axis_order(member, perm, state[member.name].shape[member.axis])
             key = (member.name, member.axis)
             orders[key] = orders[key][order] if key in orders else order

@@ -52,7 +52,13 @@ def test_random_permutation_preserves_function(name):
     model = torchvision.models.get_model(name, num_classes=10, **OPTIONS.get(name, {}))
     randomize_bn(model, x, steps=2)
     coverage = fusion.permutation_coverage(model, x, seed=1, label=name)
-    assert coverage.max_rel_diff <= EQUIV_TOL, coverage
+    if coverage.max_rel_diff > EQUIV_TOL:
+        # Very deep, wide float32 nets (wide_resnet101_2: 1.5e-5) exceed the bound from summation
+        # order alone; in float64 a correct permutation is exact to rounding.
+        model, x = model.double(), x.double()
+        spec = fusion.permutation_spec(model, x)
+        permuted = fusion.permute(model, fusion.random_permutation(spec, seed=1), spec)
+        assert fusion.verify_equivalence(model, permuted, x) <= 1e-10, coverage
     assert coverage.groups > 0
     if name.startswith(HIGH_COVERAGE):
         assert coverage.params_changed >= 0.95, coverage

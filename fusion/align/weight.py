@@ -86,9 +86,8 @@ def group_similarity(
         if keys is not None and member.name not in keys:
             continue
         a, b = _aligned_pair(spec, state_a, state_b, member, group, perms)
-        rows_a = unit_rows(a, member).double()
-        rows_b = unit_rows(b, member).double()
-        similarity += (rows_a @ rows_b.T).cpu()
+        # products in the tensors' own precision, accumulated in float64
+        similarity += (unit_rows(a, member) @ unit_rows(b, member).T).double().cpu()
     return similarity
 
 
@@ -97,11 +96,14 @@ def matching_objective(
     keys: Collection[str] | None = None,
 ) -> float:
     """Sum over tensors (``keys``, default all floating tensors) of <A, permuted B>."""
-    permuted = permute_state_dict(state_b, spec, perms)
+    return _inner_products(state_a, permute_state_dict(state_b, spec, perms), keys)
+
+
+def _inner_products(state_a: State, state_b: State, keys: Collection[str] | None) -> float:
     total = 0.0
     for key, a in state_a.items():
         if (keys is None or key in keys) and a.is_floating_point():
-            total += float((a.double() * permuted[key].double()).sum())
+            total += float((a.double() * state_b[key].double()).sum())
     return total
 
 
@@ -111,6 +113,73 @@ def solve_assignment(similarity: torch.Tensor) -> torch.Tensor:
     perm = torch.empty(similarity.shape[0], dtype=torch.long)
     perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
     return perm
+
+
+class _Workspace:
+    """Model B with all current permutations applied, kept up to date as they change.
+
+    The similarity of a group whose positions no other group shares (every group but attention's
+    overlapping head groups) is read off this permuted copy: with M = A's unit rows times the
+    permuted B's unit rows, the similarity to B's units before this group's own permutation is
+    ``M[:, argsort(perm)]``. That avoids re-permuting every neighbouring tensor for every solve;
+    overlapping groups take the exact general path (:func:`group_similarity`).
+    """
+
+    def __init__(self, spec: PermutationSpec, state_a: State, state_b: State,
+                 perms: Mapping[str, torch.Tensor], keys: Collection[str] | None):
+        self.spec, self.state_a, self.state_b, self.keys = spec, state_a, state_b, keys
+        self.perms = dict(perms)
+        self.permuted = dict(permute_state_dict(state_b, spec, self.perms))
+        self.overlapping = _overlapping_groups(spec)
+        self._rows_a: dict[tuple[str, str, int], torch.Tensor] = {}
+
+    def similarity(self, group: PermutationGroup, keys: Collection[str] | None = None) -> torch.Tensor:
+        keys = self.keys if keys is None else keys
+        if group.name in self.overlapping:
+            return group_similarity(self.spec, group, self.state_a, self.state_b, self.perms, keys)
+        product = None
+        for member in group.members:
+            if keys is not None and member.name not in keys:
+                continue
+            cache = (group.name, member.name, member.axis)
+            if cache not in self._rows_a:
+                self._rows_a[cache] = unit_rows(self.state_a[member.name], member)
+            rows_a = self._rows_a[cache]
+            term = rows_a @ unit_rows(self.permuted[member.name], member).to(rows_a.dtype).T
+            product = term if product is None else product + term
+        if product is None:
+            return torch.zeros(group.size, group.size, dtype=torch.float64)
+        return product.double().cpu()[:, torch.argsort(self.perms[group.name])]
+
+    def objective(self) -> float:
+        """Sum over the tensors (``keys``) of <A, permuted B> at the current permutations."""
+        return _inner_products(self.state_a, self.permuted, self.keys)
+
+    def set(self, group: PermutationGroup, perm: torch.Tensor) -> None:
+        """Make ``perm`` the group's permutation and update the permuted copy of B."""
+        old = self.perms[group.name]
+        self.perms[group.name] = perm
+        if group.name in self.overlapping:  # order matters: re-apply every group to these tensors
+            names = {m.name for m in group.members}
+            fresh = permute_state_dict({n: self.state_b[n] for n in names}, self.spec.groups, self.perms)
+            self.permuted.update(fresh)
+            return
+        change = torch.argsort(old)[perm]  # unit i of the new copy is unit change[i] of the old one
+        for member in group.members:
+            self.permuted[member.name] = permute_axis(self.permuted[member.name], member, change)
+
+
+def _overlapping_groups(spec: PermutationSpec) -> set[str]:
+    """Groups that share a position of some tensor axis with another group (attention heads)."""
+    overlapping: set[str] = set()
+    for name in spec.permuted_tensors:
+        seen: dict[tuple[int, int], str] = {}
+        for group, member in spec.members_of(name):
+            for position in member.index.reshape(-1).tolist():
+                other = seen.setdefault((member.axis, position), group.name)
+                if other != group.name:
+                    overlapping |= {group.name, other}
+    return overlapping
 
 
 def layerwise_matching(
@@ -123,7 +192,7 @@ def layerwise_matching(
 ) -> Permutations:
     """One pass over ``groups`` in module order; each solved from the tensors whose other grouped
     axes belong to groups solved before it (all of its tensors when none qualifies)."""
-    perms = dict(perms)
+    workspace = _Workspace(spec, state_a, state_b, perms, keys)
     done = {g.name for g in spec.groups} - {g.name for g in groups}
     for group in groups:
         ready = {
@@ -131,10 +200,20 @@ def layerwise_matching(
             if (keys is None or m.name in keys)
             and all(g.name in done for g, other in spec.members_of(m.name) if other.axis != m.axis)
         }
-        similarity = group_similarity(spec, group, state_a, state_b, perms, ready or keys)
-        perms[group.name] = solve_assignment(similarity)
+        workspace.set(group, solve_assignment(workspace.similarity(group, ready or keys)))
         done.add(group.name)
-    return perms
+    return workspace.perms
+
+
+def _neighbours(spec: PermutationSpec) -> dict[str, set[str]]:
+    """For each group, the groups whose permutation enters its similarity (sharing a tensor)."""
+    neighbours: dict[str, set[str]] = {g.name: set() for g in spec.groups}
+    for name in spec.permuted_tensors:
+        pairs = spec.members_of(name)
+        for group, member in pairs:
+            others = {other.name for other, m in pairs if (other.name, m.axis) != (group.name, member.axis)}
+            neighbours[group.name] |= others
+    return neighbours
 
 
 def weight_matching(
@@ -173,25 +252,34 @@ def weight_matching(
     if isinstance(init, Mapping):
         perms.update({k: v.clone() for k, v in init.items()})
     elif init == "layerwise":
-        perms.update(layerwise_matching(spec, state_a, state_b, solved, perms, keys))
+        perms = layerwise_matching(spec, state_a, state_b, solved, perms, keys)
+    workspace = _Workspace(spec, state_a, state_b, perms, keys)
     rng = np.random.default_rng(seed)
     history: list[float] = []
+    # A group's similarity only depends on the groups it shares a tensor with: after a sweep,
+    # re-solve just the groups whose neighbours changed (the result is the same, the work less).
+    neighbours = _neighbours(spec)
+    stale = {g.name for g in solved}
     bar = tqdm(range(max_iter), desc="weight matching", disable=not progress, leave=False)
     for _ in bar:
         improved = False
         for index in rng.permutation(len(solved)):
             group = solved[index]
-            similarity = group_similarity(spec, group, state_a, state_b, perms, keys)
+            if group.name not in stale:
+                continue
+            stale.discard(group.name)
+            similarity = workspace.similarity(group)
             new = solve_assignment(similarity)
             rows = torch.arange(group.size)
-            old_value = float(similarity[rows, perms[group.name]].sum())
+            old_value = float(similarity[rows, workspace.perms[group.name]].sum())
             new_value = float(similarity[rows, new].sum())
             if new_value > old_value + 1e-12 * max(1.0, abs(old_value)):
                 improved = True
-                perms[group.name] = new
-        history.append(matching_objective(spec, state_a, state_b, perms, keys))
+                workspace.set(group, new)
+                stale |= neighbours[group.name]
+        history.append(workspace.objective())
         bar.set_postfix(objective=f"{history[-1]:.4g}")
         if not improved:
             break
     log.debug("weight matching stopped after %d sweeps, objective %.6g", len(history), history[-1] if history else 0)
-    return perms, history
+    return workspace.perms, history
