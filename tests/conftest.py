@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(int(os.environ.get("FUSION_TEST_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("FUSION_TEST_THREADS", "1")))
 
 #: Relative output difference accepted for "the same function" in float32.
 EQUIV_TOL = 1e-5

@@ -9,8 +9,8 @@ import torch
 from conftest import WEIGHT_TOL
 from torch import nn
 
-from fusion.errors import ArchitectureMismatchError, EnsembleError, NonFiniteWeightsError
 from fusion.checks import check_weights
+from fusion.errors import ArchitectureMismatchError, EnsembleError, NonFiniteWeightsError
 from fusion.fuse.average import average, average_state_dicts, interpolate
 from fusion.models import MLP, SmallResNet
 

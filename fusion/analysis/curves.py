@@ -231,7 +231,7 @@ def train_bezier_curve(
         torch.manual_seed(seed)  # seeds the draws of t and any dropout, leaving the caller's RNG as it was
         for epoch in range(epochs):
             running = 0.0
-            for step, (inputs, targets) in enumerate(iter_batches(data), start=1):
+            for step, (inputs, targets) in enumerate(iter_batches(data), start=1):  # noqa: B007 (used after)
                 if targets is None:
                     raise DataError("data must yield (inputs, targets) batches to train a curve; got unlabeled batches")
                 t = float(torch.rand(()))

@@ -125,7 +125,9 @@ def state_dict_distances(
         raise ArchitectureMismatchError(f"state_b lacks the tensor(s) {missing[:5]}, which state_a has")
     for key, a in state_a.items():
         if a.shape != state_b[key].shape:
-            raise ArchitectureMismatchError(f"{key!r} has shape {tuple(a.shape)} in state_a but {tuple(state_b[key].shape)} in state_b")
+            raise ArchitectureMismatchError(
+                f"{key!r} has shape {tuple(a.shape)} in state_a but {tuple(state_b[key].shape)} in state_b"
+            )
     rows = _select(list(state_a), names, aggregate)
     diff_sq = np.zeros(len(rows))
     ref_sq = np.zeros(len(rows))
