@@ -16,7 +16,7 @@ everything else is built on it:
 
 from __future__ import annotations
 
-from . import analysis, data, errors, models
+from . import analysis, checkpoint, data, errors, models
 from .align import Alignment, align, align_many
 from .analysis import (
     METRICS,
@@ -40,6 +40,7 @@ from .analysis.similarity import (
     procrustes_distance,
     representation_similarity,
 )
+from .checkpoint import build_architecture, load_model, save_model
 from .coverage import Coverage, permutation_coverage
 from .errors import *
 from .evaluate import Evaluation, ensemble_evaluate, evaluate
@@ -94,6 +95,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "analysis",
+    "checkpoint",
     "data",
     "errors",
     "models",
@@ -134,6 +136,10 @@ __all__ = [
     "reset_bn_stats",
     "repair",
     "finetune",
+    # checkpoints
+    "build_architecture",
+    "load_model",
+    "save_model",
     # evaluation
     "Evaluation",
     "evaluate",
