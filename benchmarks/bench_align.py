@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import common  # first: puts the repository on sys.path
+import benchlib as common  # first: puts the repository on sys.path
 import torch
 import torchvision
 from torch import nn

@@ -33,7 +33,7 @@ import time
 import warnings
 from typing import Any
 
-import common  # first: puts the repository on sys.path
+import benchlib as common  # first: puts the repository on sys.path
 
 #: Goal of the issue: peak memory / concatenated model parameter bytes.
 GOAL_MEMORY_RATIO = 2.0

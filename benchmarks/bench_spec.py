@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import common  # first: puts the repository on sys.path
+import benchlib as common  # first: puts the repository on sys.path
 import torch
 import torch_pruning as tp
 import torchvision

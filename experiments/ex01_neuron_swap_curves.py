@@ -25,7 +25,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-import common
+import excommon as common
 import numpy as np
 import torch
 from torch import nn

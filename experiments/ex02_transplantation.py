@@ -28,7 +28,7 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-import common
+import excommon as common
 import numpy as np
 import torch_pruning as tp
 from torch import nn

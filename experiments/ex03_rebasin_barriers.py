@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import common
+import excommon as common
 import numpy as np
 
 from fusion import align, evaluate, interpolate, interpolation_curve, repair

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import common
+import excommon as common
 import torch
 import torchvision
 from torch import nn

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import common
+import excommon as common
 from torch import nn
 
 from fusion import align, evaluate, fit_stitch, linear_cka, merge, stitch

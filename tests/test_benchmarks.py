@@ -18,7 +18,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-import common  # noqa: E402
+import benchlib as common  # noqa: E402
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 @pytest.fixture(scope="module")
 def load():
-    """Import an experiment script as a module (the scripts import their sibling ``common``)."""
+    """Import an experiment script as a module (the scripts import their sibling ``excommon``)."""
     sys.path.insert(0, str(EXPERIMENTS))
     try:
         yield importlib.import_module
