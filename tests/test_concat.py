@@ -19,7 +19,7 @@ from fusion.errors import (
     NonFiniteWeightsError,
     SpecMismatchError,
 )
-from fusion.fuse.concat import ConcatError, concat_models
+from fusion.fuse.concat import ConcatError, block_index, build_concatenation, concat_models, read_block
 from fusion.fuse.layers import BlockLayerNorm
 from fusion.models import MLP, VGGSmall
 from fusion.spec import relative_difference
@@ -98,6 +98,22 @@ def test_hidden_weights_are_block_diagonal_copies_of_the_members() -> None:
     a, b = members[0].layers[3].weight, members[1].layers[3].weight
     assert torch.equal(weight[:12, :16], a) and torch.equal(weight[12:, 16:], b)
     assert not weight[:12, 16:].any() and not weight[12:, :16].any()
+
+
+@pytest.mark.parametrize("name", ["mlp", "concat_flatten", "grouped_groupnorm", "tiny_vit", "resnet18"])
+def test_each_member_is_one_block_of_every_wide_tensor_and_the_rest_is_zero(name: str) -> None:
+    count = 2 if name == "resnet18" else 3
+    members, x = make_members(name, count)
+    concat = build_concatenation(members, x)
+    state = concat.model.state_dict()
+    for key in {key for key, _ in concat.positions}:
+        wide, nonzero = state[key], 0
+        for k, member in enumerate(members):
+            block = read_block(wide, block_index(concat.positions, key, wide.dim(), k))
+            expected = member.state_dict()[key]
+            assert torch.equal(block, expected) or torch.equal(block, expected * (1 / count)), (key, k)
+            nonzero += int(block.count_nonzero())
+        assert int(wide.count_nonzero()) == nonzero, key
 
 
 def test_output_layer_averages_the_members_contributions() -> None:

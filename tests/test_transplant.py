@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import functools
+from dataclasses import replace
 
 import pytest
 import torch
+import torch_pruning as tp
 from conftest import EQUIV_TOL
 from test_concat import CASES, make_members, snapshot
 from torch import nn
@@ -17,7 +20,16 @@ from fusion.errors import (
     EnsembleError,
     NonFiniteWeightsError,
 )
-from fusion.fuse.transplant import fuse_ensemble, fuse_hierarchical, fuse_iterative
+from fusion.fuse.concat import build_concatenation
+from fusion.fuse.transplant import (
+    _importance,
+    _out_axis,
+    _Pruner,
+    _top,
+    fuse_ensemble,
+    fuse_hierarchical,
+    fuse_iterative,
+)
 from fusion.models import MLP
 from fusion.spec import relative_difference
 
@@ -96,6 +108,60 @@ def test_units_kept_consistently_in_every_coupled_tensor(name: str) -> None:
         elif key == f"{output_layer}.bias":
             expected = (expected + members[1].state_dict()[key]) / 2
         assert torch.allclose(fused.state_dict()[key], expected, atol=1e-7), key
+
+
+@functools.cache
+def concatenation(name: str) -> tuple:
+    members, x = make_members(name, 2 if name == "resnet18" else 3)
+    return build_concatenation(members, x), x
+
+
+# resnet18: the benchmark's case; the others place members at scattered positions (flatten, attention)
+# or hold grouped convolutions and GroupNorm.
+BLOCK_CASES = ["resnet18", "concat_flatten", "tiny_vit", "grouped_groupnorm"]
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("name", BLOCK_CASES)
+def test_block_magnitude_scores_equal_torch_pruning_group_magnitude(name: str, p: int) -> None:
+    # "l1"/"l2" read each layer's |w|^p sums from the members' blocks of the concatenated model; on
+    # every torch-pruning group they must give torch-pruning's GroupMagnitudeImportance scores.
+    concat, x = concatenation(name)
+    pruner = _Pruner(concat, x, _importance(f"l{p}"))
+    reference = tp.importance.GroupMagnitudeImportance(p=p)
+    producers = [(link, pruner._producer(link.group)) for link in concat.links]
+    scored = [(link, producer) for link, producer in producers if producer is not None]
+    assert scored
+    for link, (layer, module, fn, _) in scored:
+        group = pruner.graph.get_pruning_group(module, fn, list(range(module.weight.shape[_out_axis(module)])))
+        ours, theirs = pruner.importance(group), reference(group)
+        assert torch.allclose(ours, theirs, rtol=1e-5, atol=0), layer
+        if link.pattern == "units":
+            assert torch.equal(_top(ours, link.keep), _top(theirs, link.keep)), layer
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("name", BLOCK_CASES)
+def test_block_magnitude_keeps_the_units_torch_pruning_keeps(name: str, p: int) -> None:
+    concat, x = concatenation(name)
+    ours = _Pruner(concat, x, _importance(f"l{p}")).select()
+    # a callable importance goes through torch-pruning; the spec-scored rest (attention heads) uses p
+    theirs = _Pruner(concat, x, replace(_importance(tp.importance.GroupMagnitudeImportance(p=p)), p=p)).select()
+    assert ours.keys() == theirs.keys()
+    for group, kept in ours.items():
+        assert torch.equal(kept, theirs[group]), group
+
+
+def test_a_callable_importance_receives_the_torch_pruning_group() -> None:
+    members, x = make_members("mlp", 2)
+    received = []
+
+    def importance(group) -> torch.Tensor:
+        received.append(group)
+        return prefer_low_positions(group)
+
+    fuse_ensemble(members, x, importance=importance, progress=False)
+    assert received and all(isinstance(group, tp.dependency.Group) for group in received)
 
 
 def test_fusing_identical_models_gives_back_the_member() -> None:

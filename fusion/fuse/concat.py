@@ -34,8 +34,8 @@ from __future__ import annotations
 import copy
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,7 +47,8 @@ from ..errors import ConcatError, EnsembleError, FusionError
 from ..spec import PermutationGroup, PermutationSpec, permutation_spec, relative_difference
 from .layers import BlockLayerNorm, owner_of, resize_tensors, set_submodule
 
-__all__ = ["ConcatError", "Concatenation", "GroupLink", "build_concatenation", "check_members", "concat_models"]
+__all__ = ["ConcatError", "Concatenation", "GroupLink", "block_index", "build_concatenation", "check_members",
+           "concat_models", "read_block"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,9 @@ class Concatenation:
         widened: canonical state-dict key -> axes that were widened ``N`` times.
         num_members: ``N``.
         layer_norms: module name -> member 0's LayerNorm that a BlockLayerNorm replaced.
+        positions: ``(canonical key, widened axis)`` -> LongTensor ``(N, L)``: the wide position of
+            member ``k``'s position ``i`` on that axis. Member ``k``'s entries of a wide tensor form the
+            block :func:`block_index` gives; every entry outside the members' blocks is zero.
     """
 
     model: nn.Module
@@ -102,6 +106,7 @@ class Concatenation:
     widened: dict[str, frozenset[int]]
     num_members: int
     layer_norms: dict[str, nn.Module]
+    positions: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
 
 def check_members(models: Sequence[nn.Module], caller: str) -> list[nn.Module]:
@@ -195,7 +200,7 @@ def build_concatenation(
             )
         log.debug("concatenation of %d models verified (relative difference %.2e)", count, diff)
     return Concatenation(wide, spec, wide_spec, tuple(links), {k: frozenset(v) for k, v in widened.items()}, count,
-                         layer_norms)
+                         layer_norms, maps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,7 +446,7 @@ def _traced_skeleton(
     """
     device = model_device(model)
     for trace_device in (torch.device("meta"), device):
-        wide = copy.deepcopy(model).to(trace_device)
+        wide = _meta_copy(model) if trace_device.type == "meta" else copy.deepcopy(model)
         state = wide.state_dict()
         try:
             resize_tensors(wide, {key: torch.zeros(_wide_shape(state[key].shape, axes, count), dtype=state[key].dtype,
@@ -460,6 +465,16 @@ def _traced_skeleton(
             wide.to_empty(device=device)  # every tensor is then written by _fill
         return wide, wide_spec
     raise AssertionError("unreachable")
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are on the meta device (their data is never copied)."""
+    memo: dict[int, Any] = {}
+    for tensor in (*model.parameters(), *model.buffers()):
+        meta = tensor.detach().to("meta")
+        memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) \
+            if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
 
 
 def _copy_non_persistent_buffers(wide: nn.Module, model: nn.Module) -> None:
@@ -498,16 +513,61 @@ def _fill(
                 else:
                     target.copy_(states[0][key])
                 continue
-            target.zero_()
+            if len(axes) > 1:  # the members' blocks do not cover the tensor: the rest is zero
+                target.zero_()
             for k, state in enumerate(states):
-                source = state[key]
-                index = []
-                for a, length in enumerate(source.shape):
-                    pos = maps[(key, a)][k] if a in axes else torch.arange(length)
-                    view = [1] * source.dim()
-                    view[a] = -1
-                    index.append(pos.to(target.device).view(view))
-                target[tuple(index)] = source * weights[k] if key in scaled else source
+                source = state[key] * weights[k] if key in scaled else state[key]
+                index = block_index(maps, key, target.dim(), k)
+                if all(isinstance(i, slice) for i in index):
+                    target[index] = source
+                else:  # scattered positions: one broadcast index tensor per axis
+                    grids = []
+                    for a, i in enumerate(index):
+                        view = [1] * target.dim()
+                        view[a] = -1
+                        positions = torch.arange(target.shape[a])[i] if isinstance(i, slice) else i
+                        grids.append(positions.to(target.device).view(view))
+                    target[tuple(grids)] = source
+
+
+def block_index(
+    positions: Mapping[tuple[str, int], torch.Tensor], key: str, dim: int, k: int
+) -> tuple[slice | torch.Tensor, ...]:
+    """Where member ``k``'s entries lie in the wide tensor ``key`` (see :attr:`Concatenation.positions`).
+
+    Args:
+        positions: the concatenation's position tables.
+        key: canonical state-dict key of the tensor.
+        dim: number of axes of the tensor.
+        k: member index.
+
+    Returns:
+        One entry per axis: a slice (all of an axis that was not widened, or a contiguous run of
+        positions) or a LongTensor of positions, ordered like the member's own positions.
+    """
+    index: list[slice | torch.Tensor] = []
+    for axis in range(dim):
+        table = positions.get((key, axis))
+        if table is None:
+            index.append(slice(None))
+            continue
+        row = table[k]
+        start = int(row[0]) if len(row) else 0
+        if torch.equal(row, torch.arange(start, start + len(row))):
+            index.append(slice(start, start + len(row)))
+        else:
+            index.append(row)
+    return tuple(index)
+
+
+def read_block(tensor: torch.Tensor, index: Sequence[slice | torch.Tensor]) -> torch.Tensor:
+    """The entries of ``tensor`` at ``index`` (from :func:`block_index`): a view where every entry is a slice."""
+    for axis, i in enumerate(index):
+        if isinstance(i, slice):
+            tensor = tensor[(slice(None),) * axis + (i,)]
+        else:
+            tensor = tensor.index_select(axis, i.to(tensor.device))
+    return tensor
 
 
 def _use_block_layer_norms(
