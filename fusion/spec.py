@@ -23,7 +23,6 @@ every group is also checked on the real model (a random permutation must leave t
 
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 from collections import defaultdict
@@ -743,9 +742,25 @@ def permutation_spec(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    # torch-pruning only reads the model (it traces with temporary hooks, in eval mode) and the
+    # verification passes permuted tensors functionally, so no copy is needed: the train/eval
+    # mode of every submodule is restored on exit.
+    with eval_mode(model):
+        return _build_spec(model, example_inputs, ignored_layers, unwrapped_parameters, attention_heads, verify, seed)
+
+
+def _build_spec(
+    work: nn.Module,
+    example_inputs: Any,
+    ignored_layers: Sequence[str | nn.Module] | None,
+    unwrapped_parameters: dict[str, int] | None,
+    attention_heads: bool,
+    verify: bool,
+    seed: int,
+) -> PermutationSpec:
     from .checks import model_device
 
-    work = copy.deepcopy(model)
+    model = work
     example_inputs = move_inputs(example_inputs, model_device(work))
     canonical = _canonical_names(work)
     ignored = _resolve_ignored(work, ignored_layers)
