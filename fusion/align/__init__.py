@@ -108,6 +108,7 @@ def align(
     cost: str = "weight",
     solver: str = "emd",
     reg: float = 0.01,
+    tol: float = 1e-4,
 ) -> Alignment:
     """Align model B to model A by permuting (or transporting) B's hidden units.
 
@@ -128,6 +129,8 @@ def align(
         cost: ``"weight"`` or ``"activation"`` ground cost for ``method="ot"``.
         solver: ``"emd"`` (exact) or ``"sinkhorn"`` (entropic, with ``reg``) for ``method="ot"``.
         reg: entropic regularisation of the Sinkhorn solver.
+        tol: weight matching stops when a sweep raises its objective by less than this fraction
+            (0 runs until a sweep changes nothing).
 
     Returns:
         An :class:`Alignment` whose ``model`` is B in A's basis.
@@ -162,7 +165,7 @@ def align(
 
     if method == "weight":
         perms, history = weight_matching(spec_a, model_a.state_dict(), model_b.state_dict(),
-                                         max_iter=max_iter, seed=seed, progress=progress, keys=keys)
+                                         max_iter=max_iter, seed=seed, progress=progress, keys=keys, tol=tol)
         return Alignment(permute(model_b, perms, spec_a), perms, history[-1] if history else 0.0,
                          history, method, spec_a)
     if method == "activation":

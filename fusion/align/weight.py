@@ -226,6 +226,7 @@ def weight_matching(
     keys: Collection[str] | None = None,
     init: Mapping[str, torch.Tensor] | str | None = "layerwise",
     groups: Collection[str] | None = None,
+    tol: float = 1e-4,
 ) -> tuple[Permutations, list[float]]:
     """Permutations of B's units that maximise the summed inner products with A's weights.
 
@@ -241,6 +242,9 @@ def weight_matching(
             local optima of the descent (e.g. on MobileNet's depthwise blocks); ``"identity"``
             or None starts from the identity (Git Re-Basin's choice); a dict gives them directly.
         groups: restrict the descent to these group names (the others keep their ``init``).
+        tol: stop when a sweep raises the objective by less than ``tol`` times its magnitude.
+            The last sweeps of a long descent gain little (ResNet-50: sweeps 8-19 add 3e-4 of the
+            objective); ``tol=0`` runs until a sweep changes nothing, Git Re-Basin's rule.
 
     Returns:
         ``(perms, history)``: the permutations and the objective after each sweep.
@@ -280,6 +284,8 @@ def weight_matching(
         history.append(workspace.objective())
         bar.set_postfix(objective=f"{history[-1]:.4g}")
         if not improved:
+            break
+        if len(history) > 1 and history[-1] - history[-2] < tol * abs(history[-2]):
             break
     log.debug("weight matching stopped after %d sweeps, objective %.6g", len(history), history[-1] if history else 0)
     return workspace.perms, history
