@@ -59,7 +59,13 @@ def identity_permutation(spec: GroupsLike) -> Permutations:
 
 
 def inverse_permutation(perms: Mapping[str, torch.Tensor]) -> Permutations:
-    """Per group, the permutation that undoes ``perms``."""
+    """Per group, the inverse permutation.
+
+    ``permute(permute(m, perms), inverse_permutation(perms))`` restores ``m`` exactly when no two
+    groups share positions of one tensor axis, i.e. for every group except the overlapping
+    attention-head groups of ``nn.MultiheadAttention`` (whole heads and within-head dims), whose
+    composition order matters; align the permuted model back instead there.
+    """
     return {name: torch.argsort(torch.as_tensor(p)) for name, p in perms.items()}
 
 
