@@ -7,7 +7,6 @@ parameter or shape at fault, and never modifies what it checks.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -242,11 +241,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.training = training
-
-
-def clone_model(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` (parameters, buffers, hooks and attributes)."""
-    return copy.deepcopy(model)
 
 
 WEIGHT_SUM_TOL = 1e-6
