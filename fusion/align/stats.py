@@ -1,17 +1,17 @@
 """Streamed activation statistics of permutation groups, O(width^2) memory per group.
 
 Model A and model B run on the same batches; at each group's capture site the activations of
-its units are gathered and folded into running sums (counts, sums, second moments and the cross
-moment), so the memory is independent of the data-set size. From these sums come means,
-standard deviations, cross-correlations (activation matching) and squared distances (optimal
-transport on activations).
+its units are gathered and folded into running moments (:class:`~fusion.inspect.moments.CrossMoments`
+with per-unit variances and the full cross-covariance), so the memory is independent of the
+data-set size. From them come means, standard deviations, cross-correlations (activation
+matching) and squared distances (optimal transport on activations).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,64 +19,43 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checks import eval_mode, iter_batches, model_device, move_inputs, run_model
+from ..inspect.moments import CrossMoments
 from ..spec import AxisMember, PermutationGroup, PermutationSpec
 
 __all__ = ["CaptureSite", "PairStats", "capture_site", "capture_units", "collect_pair_stats", "sites_for"]
 
 
-@dataclass
-class PairStats:
-    """Running first and second moments of two sets of units observed on the same samples.
+class PairStats(CrossMoments):
+    """Streamed moments of two sets of units observed on the same samples: per-unit means and
+    variances, and the (size_a, size_b) cross-covariance (a diagonal :class:`CrossMoments`).
 
-    Attributes:
-        count: number of samples seen.
-        sum_a, sum_b: (size_a,), (size_b,) sums.
-        sq_a, sq_b: sums of squares.
-        cross: (size_a, size_b) sum of products.
+    Args:
+        size_a, size_b: the number of units on each side.
     """
 
-    size_a: int
-    size_b: int
-    count: int = 0
-    sum_a: torch.Tensor = field(init=False)
-    sum_b: torch.Tensor = field(init=False)
-    sq_a: torch.Tensor = field(init=False)
-    sq_b: torch.Tensor = field(init=False)
-    cross: torch.Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        def zeros(*shape: int) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=torch.float64)
-
-        self.sum_a, self.sq_a = zeros(self.size_a), zeros(self.size_a)
-        self.sum_b, self.sq_b = zeros(self.size_b), zeros(self.size_b)
-        self.cross = zeros(self.size_a, self.size_b)
+    def __init__(self, size_a: int, size_b: int):
+        super().__init__(diagonal=True)
+        self.size_a, self.size_b = size_a, size_b
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Fold in samples ``a`` (n, size_a) and ``b`` (n, size_b) observed on the same inputs."""
-        a, b = a.detach().double().cpu(), b.detach().double().cpu()
-        self.count += a.shape[0]
-        self.sum_a += a.sum(0)
-        self.sum_b += b.sum(0)
-        self.sq_a += (a * a).sum(0)
-        self.sq_b += (b * b).sum(0)
-        self.cross += a.T @ b
+        super().update(a.detach().cpu(), b.detach().cpu())
 
     @property
     def mean_a(self) -> torch.Tensor:
-        return self.sum_a / self.count
+        return self.mean_x
 
     @property
     def mean_b(self) -> torch.Tensor:
-        return self.sum_b / self.count
+        return self.mean_y
 
     @property
     def std_a(self) -> torch.Tensor:
-        return (self.sq_a / self.count - self.mean_a**2).clamp_min(0).sqrt()
+        return (self.sxx / self.count).clamp_min(0).sqrt()
 
     @property
     def std_b(self) -> torch.Tensor:
-        return (self.sq_b / self.count - self.mean_b**2).clamp_min(0).sqrt()
+        return (self.syy / self.count).clamp_min(0).sqrt()
 
     def correlation(self, rtol: float = 1e-4) -> torch.Tensor:
         """(size_a, size_b) Pearson correlation of every pair of units.
@@ -84,7 +63,7 @@ class PairStats:
         Units that are constant up to float noise (standard deviation below ``rtol`` times their
         mean magnitude, or below 1e-6 of the group's largest) get correlation 0 with everything.
         """
-        covariance = self.cross / self.count - torch.outer(self.mean_a, self.mean_b)
+        covariance = self.sxy / self.count
 
         def live(std: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
             floor = torch.maximum(rtol * mean.abs(), 1e-6 * std.max().clamp_min(1e-30) * torch.ones_like(std))
@@ -96,7 +75,9 @@ class PairStats:
 
     def squared_distance(self) -> torch.Tensor:
         """(size_a, size_b) mean squared difference E[(a_i - b_j)^2] of every pair of units."""
-        return ((self.sq_a[:, None] + self.sq_b[None, :] - 2 * self.cross) / self.count).clamp_min(0)
+        var_a, var_b = self.sxx / self.count, self.syy / self.count
+        gap = self.mean_a[:, None] - self.mean_b[None, :]
+        return (var_a[:, None] + var_b[None, :] + gap**2 - 2 * self.sxy / self.count).clamp_min(0)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,9 @@ class CrossMoments:
     Args:
         dtype: accumulation dtype (float64 by default).
         with_yy: also accumulate ``Yc^T Yc`` (not needed for plain regression).
+        diagonal: keep only the diagonals of ``Xc^T Xc`` and ``Yc^T Yc`` (per-feature sums of
+            squared deviations, ``(dx,)`` and ``(dy,)``), for pairwise statistics that need no
+            within-set covariance (``Xc^T Yc`` stays full).
 
     Attributes:
         count: number of samples seen.
@@ -31,9 +34,10 @@ class CrossMoments:
         sxx: ``(dx, dx)`` = ``Xc^T Xc``; syy: ``(dy, dy)`` = ``Yc^T Yc`` (or None); sxy: ``(dx, dy)`` = ``Xc^T Yc``.
     """
 
-    def __init__(self, dtype: torch.dtype = torch.float64, with_yy: bool = True) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float64, with_yy: bool = True, diagonal: bool = False) -> None:
         self.dtype = dtype
         self.with_yy = with_yy
+        self.diagonal = diagonal
         self.count = 0
         self.mean_x: torch.Tensor | None = None
         self.mean_y: torch.Tensor | None = None
@@ -71,16 +75,22 @@ class CrossMoments:
         xc, yc = x - mx, y - my
         if self.count == 0:
             self.count, self.mean_x, self.mean_y = n, mx, my
-            self.sxx, self.sxy = xc.T @ xc, xc.T @ yc
-            self.syy = yc.T @ yc if self.with_yy else None
+            self.sxx, self.sxy = self._scatter(xc), xc.T @ yc
+            self.syy = self._scatter(yc) if self.with_yy else None
             return
         total = self.count + n
         dx, dy = mx - self.mean_x, my - self.mean_y
         weight = self.count * n / total
-        self.sxx += xc.T @ xc + weight * torch.outer(dx, dx)
+        self.sxx += self._scatter(xc) + weight * self._outer(dx)
         self.sxy += xc.T @ yc + weight * torch.outer(dx, dy)
         if self.with_yy:
-            self.syy += yc.T @ yc + weight * torch.outer(dy, dy)
+            self.syy += self._scatter(yc) + weight * self._outer(dy)
         self.mean_x = self.mean_x + dx * (n / total)
         self.mean_y = self.mean_y + dy * (n / total)
         self.count = total
+
+    def _scatter(self, centered: torch.Tensor) -> torch.Tensor:
+        return (centered * centered).sum(0) if self.diagonal else centered.T @ centered
+
+    def _outer(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta * delta if self.diagonal else torch.outer(delta, delta)
