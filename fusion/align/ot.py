@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..errors import AlignmentError
 from ..spec import AxisMember, PermutationSpec
 from .stats import collect_pair_stats, sites_for
-from .weight import unit_rows
+from .weight import resolved_tensors, unit_rows
 
 __all__ = ["SOLVERS", "ot_alignment", "solve_transport", "transport_state"]
 
@@ -131,12 +131,10 @@ def _weight_cost(
     sq_b = torch.zeros(group_b.size, dtype=torch.float64)
     cross = torch.zeros(group_a.size, group_b.size, dtype=torch.float64)
     used = False
+    ready = resolved_tensors(spec_a, group_a, maps.keys(), keys)
     for resolved_only in (True, False):  # prefer tensors whose other axes are already in A's basis
         for member_a in group_a.members:
-            if keys is not None and member_a.name not in keys:
-                continue
-            others = [g.name for g, m in spec_a.members_of(member_a.name) if m.axis != member_a.axis]
-            if resolved_only and any(name not in maps for name in others):
+            if (keys is not None and member_a.name not in keys) or (resolved_only and member_a.name not in ready):
                 continue
             member_b = next(m for m in group_b.members if (m.name, m.axis) == (member_a.name, member_a.axis))
             tensor_b = transport_tensor(member_a.name, state_b[member_a.name], spec_a, spec_b, maps, member_a.axis)

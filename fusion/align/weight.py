@@ -182,6 +182,17 @@ def _overlapping_groups(spec: PermutationSpec) -> set[str]:
     return overlapping
 
 
+def resolved_tensors(
+    spec: PermutationSpec, group: PermutationGroup, done: Collection[str], keys: Collection[str] | None = None
+) -> set[str]:
+    """The group's tensors (within ``keys``) whose other permuted axes all belong to groups in ``done``."""
+    return {
+        m.name for m in group.members
+        if (keys is None or m.name in keys)
+        and all(g.name in done for g, other in spec.members_of(m.name) if other.axis != m.axis)
+    }
+
+
 def layerwise_matching(
     spec: PermutationSpec,
     state_a: State,
@@ -195,11 +206,7 @@ def layerwise_matching(
     workspace = _Workspace(spec, state_a, state_b, perms, keys)
     done = {g.name for g in spec.groups} - {g.name for g in groups}
     for group in groups:
-        ready = {
-            m.name for m in group.members
-            if (keys is None or m.name in keys)
-            and all(g.name in done for g, other in spec.members_of(m.name) if other.axis != m.axis)
-        }
+        ready = resolved_tensors(spec, group, done, keys)
         workspace.set(group, solve_assignment(workspace.similarity(group, ready or keys)))
         done.add(group.name)
     return workspace.perms
