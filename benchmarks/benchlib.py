@@ -24,7 +24,6 @@ import resource
 import shlex
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -355,18 +354,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``text`` to ``path`` atomically (fusion's own writer: temporary file + ``os.replace``)."""
+    from fusion.analysis.io import write_text as atomic_write_text
+
+    return atomic_write_text(path, text)
 
 
 def write_json(folder: Path, name: str, payload: Mapping[str, Any]) -> Path:

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -27,6 +26,7 @@ import torch
 from torch import fx, nn
 from torch.func import functional_call
 
+from ..analysis.io import write_text
 from ..checks import describe_shapes, eval_mode, run_model
 from ..errors import BendingError
 from .callbacks import BendingCallback, as_callback, callback_from_dict
@@ -160,18 +160,7 @@ class BendingConfig:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_json` to ``path`` atomically (temporary file + rename); returns the path."""
-        path = Path(path)
-        text = self.to_json()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return path
+        return write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike, module: Inspector | nn.Module | None = None) -> BendingConfig:
