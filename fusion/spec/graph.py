@@ -1,0 +1,55 @@
+"""Building torch-pruning's dependency graph for a model, and naming its tensors."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..checks import describe_shapes, eval_mode, run_model
+from ..errors import PermutationError, TraceError
+
+
+def _canonical_names(model: nn.Module) -> dict[str, str]:
+    """Map every state-dict key to the first key that shares its tensor (tied weights)."""
+    first: dict[int, str] = {}
+    canonical = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        canonical[key] = first.setdefault(id(tensor), key)
+    return canonical
+
+
+def _resolve_ignored(model: nn.Module, ignored_layers: Sequence[str | nn.Module] | None) -> list[nn.Module]:
+    modules = dict(model.named_modules())
+    resolved = []
+    for layer in ignored_layers or ():
+        if isinstance(layer, str):
+            if layer not in modules:
+                raise PermutationError(f"ignored_layers names {layer!r}, which is not a module of the model")
+            resolved.append(modules[layer])
+        elif isinstance(layer, nn.Module):
+            resolved.append(layer)
+        else:
+            raise TypeError(f"ignored_layers entries must be module names or modules, got {type(layer).__name__}")
+    return resolved
+
+
+def _build_graph(work: nn.Module, example_inputs: Any, unwrapped: Any) -> tp.DependencyGraph:
+    try:
+        with warnings.catch_warnings(), torch.enable_grad():
+            warnings.simplefilter("ignore")
+            return tp.DependencyGraph().build_dependency(
+                work, example_inputs, verbose=False, unwrapped_parameters=unwrapped
+            )
+    except Exception as exc:  # torch-pruning raises plain exceptions of many kinds
+        with torch.no_grad(), eval_mode(work):
+            run_model(work, example_inputs)  # raises ExampleInputError if the inputs are at fault
+        raise TraceError(
+            f"torch-pruning could not trace {type(work).__name__} on example_inputs of shape "
+            f"{describe_shapes(example_inputs)}: {type(exc).__name__}: {exc}"
+        ) from exc
+
