@@ -1,0 +1,158 @@
+"""Permutation groups from the channel flow: splits, concatenations, shuffles, windows, patch merging.
+
+torch-pruning's index mappings refuse or mis-map several common CNN and hybrid patterns (mixed-kernel
+splits, ghost modules, split attention, Res2Net's hierarchical splits, channel shuffle, cross-stage
+partial blocks, Swin/MaxViT window partitions and patch merging). :func:`flow_groups` derives the
+groups from the tracer of :mod:`fusion.spec.patterns_flow` instead:
+
+* every class of joined slots is one *unit* (a hidden channel), with its positions on each
+  parameter axis (several when a flatten, a lock-step grouped convolution or a patch merge repeats
+  it);
+* units that touch exactly the same tensor axes the same number of times, and carry the same tags
+  (heads, conv groups, normalisation sets), are interchangeable: they form one group; a split into
+  k parts therefore gives k groups, one per part, because each part is read by other weights;
+* units joined with the pinned slot (the model's inputs and outputs, or an operation without a
+  channel rule) are refused, with the reason recorded where they were pinned.
+
+:func:`better_spec` is how :func:`~fusion.spec.permutation_spec` uses it: when torch-pruning's
+groups leave hidden units refused (or cannot be built at all), the flow's groups are verified the
+same way and whichever verified spec moves more parameter elements is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .draft import _first_in_module_order
+from .patterns_flow import FIXED, Flow, trace_flow
+from .records import AxisMember, PermutationGroup, SkippedGroup
+
+log = logging.getLogger(__name__)
+
+__all__ = ["flow_groups", "better_spec"]
+
+
+def _module(key: str) -> str:
+    return key.rsplit(".", 1)[0] if "." in key else key
+
+
+def flow_groups(
+    model: nn.Module,
+    example_inputs: Any,
+    canonical: dict[str, str],
+    order: dict[str, int],
+    unwrapped: dict[str, int] | None = None,
+) -> tuple[list[PermutationGroup], list[SkippedGroup]]:
+    """Permutation groups and refused units of ``model`` from its channel flow (see the module docstring)."""
+    flow = trace_flow(model, example_inputs, unwrapped)
+    return _groups(flow, canonical, order)
+
+
+def _groups(flow: Flow, canonical: dict[str, str], order: dict[str, int]) -> tuple[list[PermutationGroup], list[SkippedGroup]]:
+    positions: dict[int, dict[tuple[str, int], list[int]]] = defaultdict(lambda: defaultdict(list))
+    roles: dict[int, set[tuple[str, str]]] = defaultdict(set)
+    tags: dict[int, set] = defaultdict(set)
+    pinned_by: dict[str, tuple[int, str]] = {}
+    for slots in flow.slots:
+        key = canonical.get(slots.name, slots.name)
+        for p in range(slots.size):
+            s = slots.start + p
+            root = flow.find(s)
+            if root == FIXED:
+                if slots.role == "out":
+                    reason = flow.pin_reason.get(s)
+                    size, first = pinned_by.get(slots.name, (0, None))
+                    pinned_by[slots.name] = (size + 1, first or reason)
+                continue
+            positions[root][(key, slots.axis)].append(p)
+            roles[root].add((slots.role, _module(key)))
+            tags[root] |= flow.tags.get(s, set())
+    cells: dict[tuple, list[int]] = defaultdict(list)
+    for root, members in positions.items():
+        shape = tuple(sorted((k, a, len(ps)) for (k, a), ps in members.items()))
+        cells[(shape, frozenset(tags[root]))].append(root)
+    groups = []
+    for (shape, _), roots in cells.items():
+        if len(roots) < 2:
+            continue
+        roots.sort(key=lambda r: min(min(ps) for ps in positions[r].values()))
+        members = tuple(
+            AxisMember(k, a, torch.tensor([sorted(positions[r][(k, a)]) for r in roots], dtype=torch.long))
+            for k, a, _ in shape
+        )
+        producers = sorted({m for role, m in set().union(*(roles[r] for r in roots)) if role == "out"})
+        consumers = sorted({m for role, m in set().union(*(roles[r] for r in roots)) if role == "in"})
+        if not producers:
+            continue
+        base = _first_in_module_order(producers, order)
+        groups.append(PermutationGroup(base, len(roots), members, tuple(producers), tuple(consumers)))
+    groups = _distinct_names(groups, order)
+    skipped = [SkippedGroup(_module(name), size, reason or "coupled to units that must stay in place (the model's "
+                            "inputs or outputs, or an operation without a channel rule)")
+               for name, (size, reason) in pinned_by.items()]
+    return groups, skipped
+
+
+def _distinct_names(groups: list[PermutationGroup], order: dict[str, int]) -> list[PermutationGroup]:
+    by_base: dict[str, list[PermutationGroup]] = defaultdict(list)
+    for g in groups:
+        by_base[g.name].append(g)
+    out = []
+    for base, same in by_base.items():
+        if len(same) == 1:
+            out.append(same[0])
+            continue
+        for g in same:
+            lo = int(min(m.index.min() for m in g.members if _module(m.name) == base))
+            hi = int(max(m.index.max() for m in g.members if _module(m.name) == base)) + 1
+            out.append(PermutationGroup(f"{base}[{lo}:{hi}]", g.size, g.members, g.producers, g.consumers, g.kind))
+    names = defaultdict(int)
+    result = []
+    for g in sorted(out, key=lambda g: (order.get(g.name.split("[")[0], len(order)), g.name)):
+        names[g.name] += 1
+        if names[g.name] > 1:
+            g = PermutationGroup(f"{g.name}#{names[g.name]}", g.size, g.members, g.producers, g.consumers, g.kind)
+        result.append(g)
+    return result
+
+
+def moved_elements(groups: list[PermutationGroup], shapes: dict[str, tuple[int, ...]]) -> int:
+    """How many parameter elements a permutation of every group can move (tensors touched by some group)."""
+    total = 0
+    for key in {m.name for g in groups for m in g.members}:
+        n = 1
+        for s in shapes.get(key, ()):
+            n *= s
+        total += n
+    return total
+
+
+def better_spec(
+    tp_groups: list[PermutationGroup] | None,
+    tp_skipped: list[SkippedGroup],
+    build_flow: Callable[[], tuple[list[PermutationGroup], list[SkippedGroup]]],
+    verify: Callable[[list[PermutationGroup]], tuple[list[PermutationGroup], list[SkippedGroup]]],
+    shapes: dict[str, tuple[int, ...]],
+) -> tuple[list[PermutationGroup], list[SkippedGroup]]:
+    """Keep torch-pruning's verified groups unless the flow's verified groups move more elements.
+
+    ``tp_groups`` is None when torch-pruning could not build a graph; ``verify`` returns the groups
+    that passed and the refused ones.
+    """
+    try:
+        groups, skipped = build_flow()
+    except Exception as exc:  # the flow is a second opinion: its failure leaves torch-pruning's answer
+        log.info("channel flow failed: %s: %s", type(exc).__name__, exc)
+        if tp_groups is None:
+            raise
+        return tp_groups, tp_skipped
+    passed, refused = verify(groups)
+    if tp_groups is not None and moved_elements(tp_groups, shapes) >= moved_elements(passed, shapes):
+        return tp_groups, tp_skipped
+    return passed, skipped + refused
