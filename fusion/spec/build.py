@@ -10,11 +10,12 @@ from typing import Any
 from torch import nn
 
 from ..checks import eval_mode, move_inputs
-from ..errors import PermutationError
+from ..errors import PermutationError, TraceError
 from ..guard import memory_guard
 from .attention import _attention_groups
 from .draft import _draft_group, _first_in_module_order, _groups_from_draft, _Unsupported
 from .graph import _build_graph, _canonical_names, _resolve_ignored
+from .patterns import second_opinion
 from .records import PermutationGroup, PermutationSpec, SkippedGroup
 from .verify import verify_groups
 
@@ -70,7 +71,13 @@ def permutation_spec(
     # verification passes permuted tensors functionally, so no copy is needed: the train/eval
     # mode of every submodule is restored on exit.
     with eval_mode(model):
-        return _build_spec(model, example_inputs, ignored_layers, unwrapped_parameters, attention_heads, verify, seed)
+        try:
+            spec, error = _build_spec(model, example_inputs, ignored_layers, unwrapped_parameters, attention_heads,
+                                      verify, seed), None
+        except TraceError as exc:
+            spec, error = None, exc
+        # where torch-pruning refuses units (or cannot trace), the channel flow may cover them (fusion.spec.patterns)
+        return second_opinion(model, example_inputs, spec, error, verify, seed, ignored_layers, unwrapped_parameters)
 
 
 def _build_spec(

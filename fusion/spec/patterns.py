@@ -14,7 +14,7 @@ groups from the tracer of :mod:`fusion.spec.patterns_flow` instead:
 * units joined with the pinned slot (the model's inputs and outputs, or an operation without a
   channel rule) are refused, with the reason recorded where they were pinned.
 
-:func:`better_spec` is how :func:`~fusion.spec.permutation_spec` uses it: when torch-pruning's
+:func:`second_opinion` is how :func:`~fusion.spec.permutation_spec` uses it: when torch-pruning's
 groups leave hidden units refused (or cannot be built at all), the flow's groups are verified the
 same way and whichever verified spec moves more parameter elements is kept.
 """
@@ -23,19 +23,24 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import ExampleInputError, TraceError
 from .draft import _first_in_module_order
-from .patterns_flow import FIXED, Flow, trace_flow
-from .records import AxisMember, PermutationGroup, SkippedGroup
+from .graph import _canonical_names, _resolve_ignored
+from .patterns_flow import FIXED, OUTPUT_REASON, Flow, trace_flow
+from .records import AxisMember, PermutationGroup, PermutationSpec, SkippedGroup
+from .verify import verify_groups
 
 log = logging.getLogger(__name__)
 
-__all__ = ["flow_groups", "better_spec"]
+IGNORED_REASON = "ignored by the caller (ignored_layers)"
+
+__all__ = ["flow_groups", "second_opinion"]
 
 
 def _module(key: str) -> str:
@@ -48,9 +53,16 @@ def flow_groups(
     canonical: dict[str, str],
     order: dict[str, int],
     unwrapped: dict[str, int] | None = None,
+    ignored: set[str] = frozenset(),
 ) -> tuple[list[PermutationGroup], list[SkippedGroup]]:
-    """Permutation groups and refused units of ``model`` from its channel flow (see the module docstring)."""
+    """Permutation groups and refused units of ``model`` from its channel flow (see the module docstring).
+
+    The output units of the modules named in ``ignored`` stay in place.
+    """
     flow = trace_flow(model, example_inputs, unwrapped)
+    for slots in flow.slots:
+        if slots.role == "out" and _module(slots.name) in ignored:
+            flow.pin(torch.arange(slots.start, slots.start + slots.size), IGNORED_REASON)
     return _groups(flow, canonical, order)
 
 
@@ -93,10 +105,14 @@ def _groups(flow: Flow, canonical: dict[str, str], order: dict[str, int]) -> tup
         base = _first_in_module_order(producers, order)
         groups.append(PermutationGroup(base, len(roots), members, tuple(producers), tuple(consumers)))
     groups = _distinct_names(groups, order)
-    skipped = [SkippedGroup(_module(name), size, reason or "coupled to units that must stay in place (the model's "
-                            "inputs or outputs, or an operation without a channel rule)")
+    skipped = [SkippedGroup(_module(name), size, reason or _PINNED, _KINDS.get(reason, "unsupported"))
                for name, (size, reason) in pinned_by.items()]
     return groups, skipped
+
+
+_PINNED = ("coupled to units that must stay in place (the model's inputs or outputs, or an operation without a "
+           "channel rule)")
+_KINDS = {OUTPUT_REASON: "output", IGNORED_REASON: "ignored"}
 
 
 def _distinct_names(groups: list[PermutationGroup], order: dict[str, int]) -> list[PermutationGroup]:
@@ -133,26 +149,53 @@ def moved_elements(groups: list[PermutationGroup], shapes: dict[str, tuple[int, 
     return total
 
 
-def better_spec(
-    tp_groups: list[PermutationGroup] | None,
-    tp_skipped: list[SkippedGroup],
-    build_flow: Callable[[], tuple[list[PermutationGroup], list[SkippedGroup]]],
-    verify: Callable[[list[PermutationGroup]], tuple[list[PermutationGroup], list[SkippedGroup]]],
-    shapes: dict[str, tuple[int, ...]],
-) -> tuple[list[PermutationGroup], list[SkippedGroup]]:
-    """Keep torch-pruning's verified groups unless the flow's verified groups move more elements.
+#: Skip kinds that a second opinion from the channel flow may recover.
+_RECOVERABLE = {"unsupported", "unmapped", "unmoved tensor", "verification", "trace"}
 
-    ``tp_groups`` is None when torch-pruning could not build a graph; ``verify`` returns the groups
-    that passed and the refused ones.
+
+def second_opinion(
+    model: nn.Module,
+    example_inputs: Any,
+    spec: PermutationSpec | None,
+    error: TraceError | None,
+    verify: bool,
+    seed: int,
+    ignored_layers: Sequence[str | nn.Module] | None = None,
+    unwrapped_parameters: dict[str, int] | None = None,
+) -> PermutationSpec:
+    """torch-pruning's spec, or the channel flow's where that moves more parameter elements.
+
+    ``spec`` is torch-pruning's (None when it raised ``error``). The flow is consulted only when
+    torch-pruning refused hidden units for a reason the flow may not share; its groups are verified
+    the same way (unless ``verify`` is False, when it only stands in for a graph that failed).
     """
+    if spec is not None and not any(s.kind in _RECOVERABLE for s in spec.skipped):
+        return spec
+    if spec is None and not verify:
+        raise error
+    canonical = _canonical_names(model)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    order.update({name: len(order) + i for i, name in enumerate(canonical)})
     try:
-        groups, skipped = build_flow()
+        groups, skipped = flow_groups(model, example_inputs, canonical, order, unwrapped_parameters,
+                                      _ignored_names(model, ignored_layers))
+    except ExampleInputError:
+        raise
     except Exception as exc:  # the flow is a second opinion: its failure leaves torch-pruning's answer
-        log.info("channel flow failed: %s: %s", type(exc).__name__, exc)
-        if tp_groups is None:
-            raise
-        return tp_groups, tp_skipped
-    passed, refused = verify(groups)
-    if tp_groups is not None and moved_elements(tp_groups, shapes) >= moved_elements(passed, shapes):
-        return tp_groups, tp_skipped
-    return passed, skipped + refused
+        log.info("channel flow failed on %s: %s: %s", type(model).__name__, type(exc).__name__, exc)
+        if spec is None:
+            raise error from exc
+        return spec
+    if verify:
+        groups, refused = verify_groups(model, example_inputs, groups, seed)
+        skipped = skipped + refused
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if spec is not None and moved_elements(list(spec.groups), shapes) >= moved_elements(groups, shapes):
+        return spec
+    log.info("%s: the channel flow's %d groups replace torch-pruning's", type(model).__name__, len(groups))
+    return PermutationSpec(tuple(groups), tuple(skipped), shapes, type(model).__name__)
+
+
+def _ignored_names(model: nn.Module, ignored_layers: Sequence[str | nn.Module] | None) -> set[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names.get(id(m), "") for m in _resolve_ignored(model, ignored_layers)}

@@ -39,6 +39,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..checks import run_model
 
 FIXED = 0  # the slot of everything that must stay in place
+OUTPUT_REASON = "its units are the model's output"
 NONE = -1  # label of an element that carries no unit (constants, reductions over units)
 
 _MOVE = {
@@ -58,7 +59,8 @@ _ELEMENTWISE = {
     "elu", "selu", "celu", "softplus", "softsign", "mish", "exp", "log", "log1p", "sqrt", "rsqrt", "clamp", "clip",
     "clamp_min", "clamp_max", "where", "maximum", "minimum", "erf", "sin", "cos", "masked_fill", "lerp", "addcmul",
     "addcdiv", "sign", "reciprocal", "square", "floor", "ceil", "round", "trunc", "logsigmoid", "threshold", "eq",
-    "ne", "gt", "lt", "floordiv", "rfloordiv", "mod", "rmod", "ge", "le", "and", "or", "mul_", "sigmoid_", "tanh_", "hardtanh_", "erfc", "expm1", "exp2",
+    "ne", "gt", "lt", "floordiv", "rfloordiv", "mod", "rmod",
+    "ge", "le", "and", "or", "mul_", "sigmoid_", "tanh_", "hardtanh_", "erfc", "expm1", "exp2",
     "silu_", "relu_", "gelu_", "leaky_relu_", "elu_", "hardswish_", "hardsigmoid_", "add_", "sub_", "div_",
     "clamp_", "clamp_min_", "masked_fill_", "neg_", "sqrt_", "pow_", "addcmul_", "copy_", "fill_", "zero_",
 }
@@ -322,5 +324,5 @@ def trace_flow(model: nn.Module, example_inputs: Any, unwrapped: dict[str, int] 
         for module in tracer.module_names:
             module.__dict__.pop("_fusion_flow_input", None)
     for t in _tensors(out if not hasattr(out, "items") else list(out.values())):
-        tracer.flow.pin(tracer.label(t), "its units are the model's output")
+        tracer.flow.pin(tracer.label(t), OUTPUT_REASON)
     return tracer.flow
