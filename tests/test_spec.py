@@ -235,9 +235,20 @@ def test_coverage_reports_changed_parameters(width):
 
 def test_coverage_counts_refused_groups_by_kind_not_by_reason_text():
     # The refused group's reason mentions "output"-like words; it must still count as a hidden set.
-    cov = fusion.permutation_coverage(WeightStandardised().eval(), IMAGE)
+    cov = fusion.permutation_coverage(SortedUnits().eval(), torch.randn(3, 4))
     assert cov.groups == 0 and cov.hidden_groups_permuted == 0.0
-    assert cov.skipped_by_kind == {"output": 1, "unmoved tensor": 1}
+    assert cov.skipped_by_kind == {"output": 1, "verification": 1}
+
+
+class SortedUnits(nn.Module):
+    """Hidden units sorted by value: no permutation symmetry (torch-pruning and the flow both refuse)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.sort(self.a(x), dim=-1).values)
 
 
 def test_resnet18_spec_on_real_model():
@@ -327,11 +338,15 @@ def test_structural_difference_of_identity_is_zero():
 
 
 def test_a_tensor_that_no_rule_moves_refuses_its_group_and_is_named():
+    # torch-pruning's own groups (before the channel flow's second opinion, which moves the gain)
+    from fusion.spec.build import _build_spec
+
     model, x = WeightStandardised().eval(), IMAGE
-    spec = fusion.permutation_spec(model, x)
+    spec = _build_spec(model, x, None, None, True, True, 0)
     refused = next(s for s in spec.skipped if s.name == "conv")
     assert refused.kind == "unmoved tensor" and "conv.gain" in refused.reason
     assert "conv" not in spec
+    assert ("conv.gain", 0) in fusion.permutation_spec(model, x).group("conv").axes
 
 
 def test_integer_inputs_are_redrawn_within_their_range_and_masks_kept():

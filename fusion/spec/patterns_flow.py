@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..checks import run_model
+from ..errors import TraceError
 
 FIXED = 0  # the slot of everything that must stay in place
 OUTPUT_REASON = "its units are the model's output"
@@ -323,6 +324,9 @@ def trace_flow(model: nn.Module, example_inputs: Any, unwrapped: dict[str, int] 
             h.remove()
         for module in tracer.module_names:
             module.__dict__.pop("_fusion_flow_input", None)
-    for t in _tensors(out if not hasattr(out, "items") else list(out.values())):
+    outputs = _tensors(out if not hasattr(out, "items") else list(out.values()))
+    if not outputs:
+        raise TraceError(f"{type(model).__name__} returns no tensor, so its outputs cannot be traced")
+    for t in outputs:
         tracer.flow.pin(tracer.label(t), OUTPUT_REASON)
     return tracer.flow
