@@ -5,7 +5,10 @@ pretrained weights, the permutation spec is derived (``fusion.permutation_spec``
 every group on the model) and a random permutation of all groups is applied
 (``fusion.permutation_coverage``). The table reports the number of groups, the share of hidden unit
 sets that are permutable, the share of parameter elements the permutation moves, the largest relative
-output difference between the model and its permutation, and the time taken by the spec.
+output difference between the model and its permutation (float32, the model's own weights), the
+structural difference (the same permutation on a float64 copy with every parameter re-drawn at O(1):
+<= 1e-9 means the symmetry holds for all weight values), the refused unit sets by kind
+(``SkippedGroup.kind``; the output layer is always one) and the time taken by the spec.
 
 So that the check means something on randomly initialised models, BatchNorm running statistics are
 first randomised by a few train-mode forward passes on random inputs, and weight matrices that
@@ -111,17 +114,24 @@ def _previous_rows(path: Path) -> dict[str, dict[str, Any]]:
     return {r["model"]: r for r in rows}
 
 
+def refused_cell(kinds: dict[str, int]) -> str:
+    """Refused unit sets by kind, e.g. ``output 1, unsupported 2`` (the output layer is always one)."""
+    return ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items())) or "-"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The coverage table in Markdown."""
     lines = ["| model | params (M) | input | groups | hidden groups permuted | param. elements changed | "
-             "max rel. diff | spec time (s) | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "max rel. diff (float32) | structural diff (float64) | refused (by kind) | spec time (s) | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
         if "groups" in r:
+            structural = f"{r['structural_diff']:.1e}" if "structural_diff" in r else "-"
             cells = [f"{r['groups']}", f"{100 * r['hidden_groups_permuted']:.1f}%", f"{100 * r['params_changed']:.1f}%",
-                     f"{r['max_rel_diff']:.1e}", f"{r['spec_seconds']:.1f}"]
+                     f"{r['max_rel_diff']:.1e}", structural, refused_cell(r.get("skipped_by_kind", {})),
+                     f"{r['spec_seconds']:.1f}"]
         else:
-            cells = ["-"] * 5
+            cells = ["-"] * 7
         params = f"{r['params_m']:.1f}" if "params_m" in r else "-"
         note = textwrap.shorten(str(r.get("note", "")), width=150, placeholder=" ...").replace("|", "\\|")
         lines.append(f"| {r['model']} | {params} | {r['input']} | " + " | ".join(cells) + f" | {note} |")
@@ -157,7 +167,8 @@ def body(run: common.Run) -> dict[str, Any]:
     rows = []
     for name in names:
         previous = done.get(name)
-        reusable = previous is not None and previous.get("input") == input_size(name)
+        reusable = previous is not None and previous.get("input") == input_size(name) and (
+            "structural_diff" in previous or "groups" not in previous)
         row = previous if reusable else survey(name, run.args.seed, run.args.max_params)
         rows.append(row)
         save_json(rows, run.out / "coverage.json")  # progress survives an interruption (see --resume)
@@ -172,7 +183,10 @@ def body(run: common.Run) -> dict[str, Any]:
     if run.args.update_readme is not None:
         update_readme(run.args.update_readme, table)
     worst = max((r["max_rel_diff"] for r in checked), default=float("nan"))
-    return {"experiment": NAME, "models": len(rows), "checked": len(checked), "worst_max_rel_diff": worst, "rows": rows}
+    worst_structural = max((r.get("structural_diff", float("nan")) for r in checked), default=float("nan"))
+    slowest = max((r["spec_seconds"] for r in checked), default=float("nan"))
+    return {"experiment": NAME, "models": len(rows), "checked": len(checked), "worst_max_rel_diff": worst,
+            "worst_structural_diff": worst_structural, "slowest_spec_seconds": slowest, "rows": rows}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -136,9 +136,9 @@ class Flow:
         keep = (a >= 0) & (b >= 0) & (a != b)
         if not bool(keep.any()):
             return
-        pairs = torch.unique(torch.stack([a[keep], b[keep]], 1), dim=0).tolist()
-        for x, y in pairs:
-            self.union(x, y)
+        m = len(self.parent)
+        for code in torch.unique(a[keep] * m + b[keep]).tolist():  # one code per distinct pair (1-D unique is fast)
+            self.union(code // m, code % m)
 
     def pin(self, labels: torch.Tensor, reason: str) -> None:
         for s in torch.unique(labels[labels > FIXED]).tolist():
@@ -148,8 +148,12 @@ class Flow:
     def tag(self, labels: torch.Tensor, tags: torch.Tensor) -> None:
         """Tag each slot in ``labels`` with the matching entry of ``tags`` (same shape)."""
         keep = labels >= 0
-        for s, t in torch.unique(torch.stack([labels[keep], tags[keep]], 1), dim=0).tolist():
-            self.tags[s].add(t)
+        if not bool(keep.any()):
+            return
+        kept_tags = tags.expand_as(labels)[keep]
+        m = int(kept_tags.max()) + 1
+        for code in torch.unique(labels[keep] * m + kept_tags).tolist():
+            self.tags[code // m].add(code % m)
 
 
 class _Unknown(Exception):

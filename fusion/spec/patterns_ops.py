@@ -169,6 +169,8 @@ def pool(tr: _Tracer, args: tuple, out: Any) -> None:
 # ---- layers reading a channel axis ---------------------------------------------------------------
 def _consume(tr: _Tracer, cols: torch.Tensor, slots: torch.Tensor, what: str) -> None:
     """``cols`` (rows, K) labels read at the K positions of a layer's input axis with ``slots``."""
+    if bool((cols == cols[:1]).all()):
+        cols = cols[:1]
     tr.flow.join(cols, slots[None, :])
     empty = (cols < 0).all(0)
     if bool(empty.any()):
@@ -403,29 +405,40 @@ def _batch_tags(tr: _Tracer, batch: torch.Size, tail: int) -> torch.Tensor:
 
 
 def _contract(tr: _Tracer, la: torch.Tensor, lb: torch.Tensor, out: torch.Tensor | None, what: str) -> torch.Tensor | None:
-    """a (..., n, k) @ b (..., k, m): the k units meet; units are tied to the batch coordinates (heads)."""
+    """a (..., n, k) @ b (..., k, m), tying every unit involved to the batch coordinates (heads) it met at.
+
+    Along k, each side either holds one unit per position (q and k in ``q @ k^T``: the two are joined)
+    or the same labels at every position (attention weights and values in ``attn @ v``: they pass
+    through to the rows and columns of the result).
+    """
     if la.dim() < 2 or lb.dim() < 2:
         raise _Unknown(f"{what} of vectors")
-    if _varies(la, la.dim() - 2) or _varies(lb, lb.dim() - 1):
+    a_through, b_through = not _varies(la, la.dim() - 1), not _varies(lb, lb.dim() - 2)
+    if not a_through and _varies(la, la.dim() - 2) or not b_through and _varies(lb, lb.dim() - 1):
         raise _Unknown(f"{what} contracts units that change along its rows")
-    ka, kb = la[..., 0, :], lb[..., :, 0]
-    batch = torch.broadcast_shapes(ka.shape[:-1], kb.shape[:-1])
-    ka, kb = ka.expand(*batch, ka.shape[-1]), kb.expand(*batch, kb.shape[-1])
-    tr.flow.join(ka, kb)
-    tr.flow.pin(torch.where(kb < 0, ka, NONE), f"{what} contracts units with values that carry none")
-    tr.flow.pin(torch.where(ka < 0, kb, NONE), f"{what} contracts units with values that carry none")
-    tr.flow.tag(ka, _batch_tags(tr, batch, ka.shape[-1]))
-    tr.flow.tag(kb, _batch_tags(tr, batch, kb.shape[-1]))
-    rows = la[..., :, 0] if not _varies(la, la.dim() - 1) else torch.full(la.shape[:-1], NONE, dtype=torch.long)
-    cols = lb[..., 0, :] if not _varies(lb, lb.dim() - 2) else torch.full(lb.shape[:-2] + lb.shape[-1:], NONE,
-                                                                            dtype=torch.long)
-    rows = rows.expand(*batch, rows.shape[-1])
-    cols = cols.expand(*batch, cols.shape[-1])
-    tr.flow.tag(rows, _batch_tags(tr, batch, rows.shape[-1]))
-    tr.flow.tag(cols, _batch_tags(tr, batch, cols.shape[-1]))
+    batch = torch.broadcast_shapes(la.shape[:-2], lb.shape[:-2])
+    if not a_through or not b_through:
+        ka, kb = la[..., 0, :], lb[..., :, 0]
+        ka, kb = ka.expand(*batch, ka.shape[-1]), kb.expand(*batch, kb.shape[-1])
+        if a_through or b_through:  # units contracted with values that carry no unit per position
+            tr.flow.pin(kb if a_through else ka, f"{what} contracts units with values that do not follow them")
+        else:
+            tr.flow.join(ka, kb)
+        tr.flow.tag(ka, _batch_tags(tr, batch, ka.shape[-1]))
+        tr.flow.tag(kb, _batch_tags(tr, batch, kb.shape[-1]))
     if out is None:
         return None
-    return _combine(tr, rows[..., :, None], cols[..., None, :]).expand(out.shape)
+    none = torch.full(out.shape, NONE, dtype=torch.long)
+    rows = la[..., :, 0].expand(*batch, la.shape[-2]) if a_through else none[..., :, 0]
+    cols = lb[..., 0, :].expand(*batch, lb.shape[-1]) if b_through else none[..., 0, :]
+    tr.flow.tag(rows, _batch_tags(tr, batch, rows.shape[-1]))
+    tr.flow.tag(cols, _batch_tags(tr, batch, cols.shape[-1]))
+    if bool((rows >= 0).any()) and bool((cols >= 0).any()):
+        if _varies(rows, rows.dim() - 1):
+            raise _Unknown(f"{what} of units by units (an outer product)")
+        tr.flow.tag(rows, torch.full_like(rows, tr.new_tag(1)))  # e.g. a head's bias column: never grouped
+        return cols[..., None, :].expand(out.shape)
+    return torch.where(rows[..., :, None] >= 0, rows[..., :, None], cols[..., None, :]).expand(out.shape)
 
 
 @_rule("matmul", "bmm", "rmatmul")
