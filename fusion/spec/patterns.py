@@ -22,6 +22,7 @@ same way and whichever verified spec moves more parameter elements is kept.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import ExampleInputError, TraceError
+from ..guard import memory_guard
 from .draft import _first_in_module_order
 from .graph import _canonical_names, _resolve_ignored
 from .patterns_flow import FIXED, OUTPUT_REASON, Flow, trace_flow
@@ -162,6 +164,7 @@ def second_opinion(
     seed: int,
     ignored_layers: Sequence[str | nn.Module] | None = None,
     unwrapped_parameters: dict[str, int] | None = None,
+    deadline: float | None = None,
 ) -> PermutationSpec:
     """torch-pruning's spec, or the channel flow's where that moves more parameter elements.
 
@@ -171,14 +174,17 @@ def second_opinion(
     """
     if spec is not None and not any(s.kind in _RECOVERABLE for s in spec.skipped):
         return spec
-    if spec is None and not verify:
-        raise error
+    if (spec is None and not verify) or (deadline is not None and time.monotonic() >= deadline):
+        if spec is None:
+            raise error
+        return spec
     canonical = _canonical_names(model)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     order.update({name: len(order) + i for i, name in enumerate(canonical)})
     try:
-        groups, skipped = flow_groups(model, example_inputs, canonical, order, unwrapped_parameters,
-                                      _ignored_names(model, ignored_layers))
+        with memory_guard(f"tracing the channel flow of {type(model).__name__}", deadline=deadline):
+            groups, skipped = flow_groups(model, example_inputs, canonical, order, unwrapped_parameters,
+                                          _ignored_names(model, ignored_layers))
     except ExampleInputError:
         raise
     except Exception as exc:  # the flow is a second opinion: its failure leaves torch-pruning's answer
