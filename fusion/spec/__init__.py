@@ -15,6 +15,12 @@ producer, whose channels move in lock-step inside every conv group. A permutatio
 group (``perm[i]`` = the unit of the source model that lands at position ``i``) moves the values at
 ``index[perm[i]]`` to ``index[i]`` on every member at once.
 
+Where torch-pruning refuses units or cannot trace the model, a second opinion comes from the channel
+flow (:mod:`fusion.spec.patterns`): unit labels are followed op by op through the forward pass, so
+splits into mixed kernels, ghost modules, split attention, Res2Net's hierarchical splits, channel
+shuffles, window partitions and patch merging are covered; the verified spec that moves more
+parameter elements is kept.
+
 Where the graph is unsure, the group is left out and listed in :attr:`PermutationSpec.skipped`
 with a reason and a kind: a refused group costs coverage, a wrong one costs the user's model. By
 default every group is also checked structurally (:mod:`fusion.spec.verify`): on a float64 copy

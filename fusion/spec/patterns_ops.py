@@ -198,8 +198,12 @@ def _extra(tr: _Tracer, module: nn.Module, name: str, known: set, out_slots: tor
             raise _Unknown(f"{name} has a parameter {local!r} of shape {tuple(p.shape)} with no channel rule")
 
 
-def _bias(tr: _Tracer, name: str, bias: torch.Tensor | None, out_slots: torch.Tensor) -> None:
-    if bias is not None:
+def _bias(tr: _Tracer, name: str | None, bias: torch.Tensor | None, out_slots: torch.Tensor) -> None:
+    if bias is None:
+        return
+    if name is None:  # a bias computed in the forward (Swin-V2's cat of q, zero and v biases): follow its labels
+        tr.flow.join(tr.label(bias), out_slots)
+    else:
         tr.flow.join(tr.flow.axis_slots(name, 0, bias.shape[0], "elem"), out_slots)
 
 
@@ -221,11 +225,11 @@ def linear_labels(tr: _Tracer, x: torch.Tensor, weight_name: str, weight: torch.
         tr.flow.pin(in_slots, reason)
         tr.flow.pin(out_slots, reason)
         if bias is not None:
-            tr.flow.pin(tr.flow.axis_slots(bias_name, 0, bias.shape[0], "elem"), reason)
+            tr.flow.pin(tr.label(bias) if bias_name is None else tr.flow.axis_slots(bias_name, 0, bias.shape[0], "elem"),
+                        reason)
         return lab[..., :1].expand(out.shape)
     _consume(tr, cols, in_slots, what)
-    if bias is not None:
-        _bias(tr, bias_name, bias, out_slots)
+    _bias(tr, bias_name, bias, out_slots)
     return _broadcast_on(out_slots, out, out.dim() - 1)
 
 
@@ -254,8 +258,7 @@ def conv_labels(tr: _Tracer, x: torch.Tensor, weight_name: str, weight: torch.Te
                  tr.flow.axis_slots(weight_name, in_axis, weight.shape[in_axis], "in"), what)
         base = tr.new_tag(groups)
         tr.flow.tag(out_slots, base + torch.arange(out_channels) // (out_channels // groups))
-    if bias is not None:
-        _bias(tr, bias_name, bias, out_slots)
+    _bias(tr, bias_name, bias, out_slots)
     return _broadcast_on(out_slots, out, cdim)
 
 
@@ -457,6 +460,47 @@ def _matmul(tr: _Tracer, func, args, kwargs, out) -> None:
         tr.set_label(out, _broadcast_on(out_slots, out, out.dim() - 1))
         return
     tr.set_label(out, _contract(tr, tr.label(a), tr.label(b), out, "matrix product"))
+
+
+@_rule("einsum")
+def _einsum(tr: _Tracer, func, args, kwargs, out) -> None:
+    """Two-operand einsum without ellipsis, as a batched matrix product (batch, free-a, contracted, free-b)."""
+    equation, operands = args[0], args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    equation = equation.replace(" ", "")
+    if len(operands) != 2 or "..." in equation or "->" not in equation:
+        raise _Unknown("einsum other than a product of two operands with an explicit output")
+    inputs, result = equation.split("->")
+    sa, sb = inputs.split(",")
+    if len(set(sa)) != len(sa) or len(set(sb)) != len(sb) or any(c not in sa + sb for c in result):
+        raise _Unknown("einsum with repeated or unknown indices")
+    a, b = operands
+    if tr.param_name(a) is not None or tr.param_name(b) is not None:
+        raise _Unknown("einsum with a parameter")
+    batch = [c for c in sa if c in sb and c in result]
+    contracted = [c for c in sa if c in sb and c not in result]
+    free_a = [c for c in sa if c not in sb]
+    free_b = [c for c in sb if c not in sa]
+    if any(c not in result for c in free_a + free_b):
+        raise _Unknown("einsum summing over an index of one operand")
+    size = {c: n for c, n in zip(sa, a.shape)} | {c: n for c, n in zip(sb, b.shape)}
+
+    def prod(cs: list[str]) -> int:
+        n = 1
+        for c in cs:
+            n *= size[c]
+        return n
+
+    la = tr.label(a).permute(*[sa.index(c) for c in batch + free_a + contracted])
+    lb = tr.label(b).permute(*[sb.index(c) for c in batch + contracted + free_b])
+    la = la.reshape(*[size[c] for c in batch], prod(free_a), prod(contracted))
+    lb = lb.reshape(*[size[c] for c in batch], prod(contracted), prod(free_b))
+    flat = torch.empty(*[size[c] for c in batch], prod(free_a), prod(free_b))
+    labels = _contract(tr, la, lb, flat, "einsum")
+    order = batch + free_a + free_b
+    labels = labels.reshape(*[size[c] for c in order]).permute(*[order.index(c) for c in result])
+    tr.set_label(out, labels)
 
 
 @_rule("scaled_dot_product_attention")
