@@ -243,6 +243,25 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
+@contextlib.contextmanager
+def caches_restored(model: nn.Module) -> Iterator[nn.Module]:
+    """Restore the contents of every dict attribute of every submodule on exit.
+
+    Some modules cache tensors computed by an eval-mode forward in a dict (timm's LeViT and
+    EfficientFormer ``attention_bias_cache``); a forward traced with autograd leaves non-leaf
+    tensors there, which ``copy.deepcopy`` rejects. Code that only reads a model uses this to leave
+    such caches as they were.
+    """
+    saved = [(value, dict(value)) for m in model.modules() for key, value in vars(m).items()
+             if isinstance(value, dict) and not key.startswith("_")]
+    try:
+        yield model
+    finally:
+        for value, contents in saved:
+            value.clear()
+            value.update(contents)
+
+
 WEIGHT_SUM_TOL = 1e-6
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import eval_mode, move_inputs
+from ..checks import caches_restored, eval_mode, move_inputs
 from ..errors import FusionError, PermutationError, TraceError
 from .attention import _attention_groups
 from .draft import _draft_group, _first_in_module_order, _groups_from_draft, _Unsupported
@@ -99,7 +99,7 @@ def permutation_spec(
     tp_deadline = deadline
     if channel_flow:
         tp_deadline = min(deadline or float("inf"), time.monotonic() + FLOW_TP_BUDGET)
-    with eval_mode(model):
+    with eval_mode(model), caches_restored(model):
         try:
             spec, error = _build_spec(model, example_inputs, ignored, unwrapped, attention_heads, verify, seed,
                                       tp_deadline), None
