@@ -262,3 +262,30 @@ def test_the_model_is_not_modified():
     spec_of(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(hasattr(m, "_forward_hooks") and m._forward_hooks for m in model.modules())
+
+
+class EinsumAttention(nn.Module):
+    """MaxViT-style attention written with einsum, and a Swin-V2-style bias assembled in the forward."""
+
+    def __init__(self, c: int = 8, heads: int = 2):
+        super().__init__()
+        self.embed, self.qkv, self.proj, self.fc = nn.Linear(3, c), nn.Linear(c, 3 * c, bias=False), nn.Linear(c, c), \
+            nn.Linear(c, 5)
+        self.q_bias, self.v_bias, self.heads = nn.Parameter(torch.randn(c)), nn.Parameter(torch.randn(c)), heads
+
+    def forward(self, x):
+        x = self.embed(x.flatten(2).transpose(1, 2))  # B N C
+        b, n, c = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        q, k, v = F.linear(x, self.qkv.weight, bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attn = torch.einsum("bhid,bhjd->bhij", q, k).softmax(-1)
+        out = torch.einsum("bhij,bhjd->bhid", attn, v).transpose(1, 2).reshape(b, n, c)
+        return self.fc((x + self.proj(out)).mean(1))
+
+
+def test_einsum_attention_and_a_bias_built_in_the_forward_are_covered_exactly():
+    model = EinsumAttention().eval()
+    spec, x = spec_of(model, size=4)
+    assert fusion.structural_difference(model, spec, x, seed=3) <= STRUCTURAL_TOLERANCE
+    moved = {(m.name, m.axis) for g in spec.groups for m in g.members}
+    assert {("qkv.weight", 0), ("q_bias", 0), ("v_bias", 0), ("proj.weight", 1)} <= moved
