@@ -230,9 +230,10 @@ def test_tied_input_and_output_embedding_cannot_be_concatenated() -> None:
 
 
 def test_units_outside_every_permutation_group_name_their_layer() -> None:
-    members = seeded(hm.Chunk)
+    # torch-pruning's spec alone refuses the chunked conv (the channel flow would give one group per chunk)
+    members, x = seeded(hm.Chunk), torch.randn(2, 3, 8, 8)
     with pytest.raises(ConcatError, match=r"layer 'conv'.*'conv\.weight'"):
-        concat_models(members, torch.randn(2, 3, 8, 8))
+        concat_models(members, x, spec=permutation_spec(members[0], x, channel_flow=False))
 
 
 def test_a_failed_concatenation_leaves_the_inputs_untouched() -> None:
