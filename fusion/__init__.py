@@ -16,7 +16,7 @@ everything else is built on it:
 
 from __future__ import annotations
 
-from . import analysis, checkpoint, data, errors, models
+from . import analysis, checkpoint, data, errors, models, neuronswap
 from .align import Alignment, align, align_many
 from .analysis import (
     METRICS,
@@ -75,6 +75,7 @@ from .permute import (
     compose_permutations,
     identity_permutation,
     inverse_permutation,
+    layer_group,
     permute,
     permute_layer,
     permute_state_dict,
@@ -99,6 +100,7 @@ __all__ = [
     "data",
     "errors",
     "models",
+    "neuronswap",
     *errors.__all__,
     # spec and permutations
     "AxisMember",
@@ -110,6 +112,7 @@ __all__ = [
     "permute_state_dict",
     "permute_layer",
     "swap_neurons",
+    "layer_group",
     "random_permutation",
     "identity_permutation",
     "inverse_permutation",
