@@ -44,11 +44,14 @@ from .errors import DataError, PermutationError, TraceError
 from .permute import layer_group, permute, unit_index
 from .spec import PermutationSpec, permutation_spec
 
-__all__ = ["LayerList", "get_layers_list", "get_skipped_layers", "swap"]
+__all__ = ["DEPTHS", "LayerList", "get_layers_list", "get_skipped_layers", "layer_at_depth", "layer_blocks", "swap"]
 
 logger = logging.getLogger(__name__)
 
 _TRIAL_SIZES = (32, 64, 224)
+
+#: The depths :func:`layer_at_depth` knows.
+DEPTHS = ("early", "mid", "late")
 
 
 class LayerList(list):
@@ -260,6 +263,76 @@ def swap(
             logger.info("swap: %r is on a skip connection; its whole residual stream (%s) is permuted with it",
                         layer, ", ".join(group.producers))
     return permute(layers.model, perms, spec, inplace=inplace)
+
+
+def layer_blocks(model: nn.Module, example_inputs: Any, spec: PermutationSpec | None = None) -> list[list[str]]:
+    """The model's permutable layers grouped into blocks, in execution order.
+
+    Convolutions whose output units can be permuted are grouped by the spatial size of their
+    outputs: a block ends where pooling or a strided convolution shrinks the feature map (VGG-16
+    has five blocks of two or three convolutions; a ResNet one block per stage). Models without
+    permutable convolutions give one block per permutable Linear layer.
+
+    Args:
+        model: the model.
+        example_inputs: a batch the model accepts (its spatial size decides the output sizes).
+        spec: the model's permutation spec (built on ``example_inputs`` if None).
+    """
+    spec = permutation_spec(model, example_inputs) if spec is None else spec
+    candidates = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, _ConvNd)):
+            try:
+                layer_group(spec, name)
+            except PermutationError:
+                continue
+            candidates[name] = module
+    sizes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str) -> Any:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                sizes.setdefault(name, tuple(output.shape[2:]))
+        return hook
+
+    handles = [module.register_forward_hook(record(name)) for name, module in candidates.items()]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            run_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    convs = [name for name in sizes if isinstance(candidates[name], _ConvNd)]
+    if not convs:
+        return [[name] for name in sizes]
+    blocks: list[list[str]] = []
+    for name in convs:
+        if blocks and sizes[blocks[-1][-1]] == sizes[name]:
+            blocks[-1].append(name)
+        else:
+            blocks.append([name])
+    return blocks
+
+
+def layer_at_depth(model: nn.Module, depth: str, example_inputs: Any, spec: PermutationSpec | None = None) -> str:
+    """The layer of the mode-connectivity neuron-swap study at ``depth`` (see :func:`layer_blocks`).
+
+    * ``"early"``: layer 0 of block 0 (VGG-16: the first convolution, 64 filters);
+    * ``"mid"``: layer 1 of the middle block, ``blocks[len(blocks) // 2]`` (VGG-16: block 2, 256 filters);
+    * ``"late"``: layer 1 of the last block (VGG-16: block 4, 512 filters).
+
+    A block with a single layer gives its layer 0.
+
+    Raises:
+        PermutationError: an unknown depth, or a model without permutable layers.
+    """
+    if depth not in DEPTHS:
+        raise PermutationError(f"depth must be one of {DEPTHS}, got {depth!r}")
+    blocks = layer_blocks(model, example_inputs, spec)
+    if not blocks:
+        raise PermutationError(f"{type(model).__name__} has no permutable convolution or linear layer")
+    block = blocks[{"early": 0, "mid": len(blocks) // 2, "late": len(blocks) - 1}[depth]]
+    return block[min(0 if depth == "early" else 1, len(block) - 1)]
 
 
 def _made_up_inputs(model: nn.Module, layers: LayerList | None) -> Any:
