@@ -217,7 +217,7 @@ def _ot(models: list[nn.Module], example_inputs: Any, data: Any, progress: bool,
 
 
 def _transplant(models: list[nn.Module], example_inputs: Any, data: Any, progress: bool, seed: int) -> nn.Module:
-    return fuse_ensemble(models, example_inputs, progress=progress)
+    return fuse_ensemble(models, example_inputs, progress=progress, data=data)  # data: BatchNorm re-estimated
 
 
 #: Fusion methods by name: ``fn(models, example_inputs, data, progress, seed) -> fused model``.
