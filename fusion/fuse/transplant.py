@@ -44,10 +44,10 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch_pruning.pruner import function as tp_function
-from tqdm.auto import tqdm
 
 from ..checks import describe_shapes, eval_mode, model_device, move_inputs
 from ..errors import DataError, EnsembleError, TraceError
+from ..progress import tqdm
 from ..spec import PermutationGroup, PermutationSpec, permutation_spec
 from .concat import (
     BLOCKS,
