@@ -4,18 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
 from ..errors import FusionError
-from .commands_curve import _cmd_analyze_curve, _cmd_curve, _cmd_plot
-from .commands_fuse import _cmd_align, _cmd_distances, _cmd_fuse, _cmd_interpolate
-from .commands_model import _cmd_demo, _cmd_spec, _cmd_swap
 from .config import _config_defaults, _read_config
 from .options import (
     ALIGN_METHODS,
@@ -38,6 +34,23 @@ from .options import (
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("fusion.cli")
+
+
+def _command(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """The handler ``name`` of ``fusion.cli.<module>``, imported when the command runs (``--help`` stays fast)."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f".{module}", __package__), name)(args)
+
+    run.__name__ = run.__qualname__ = name
+    return run
+
+
+_cmd_demo, _cmd_spec, _cmd_swap = (_command("commands_model", n) for n in ("_cmd_demo", "_cmd_spec", "_cmd_swap"))
+_cmd_align, _cmd_fuse, _cmd_interpolate, _cmd_distances = (
+    _command("commands_fuse", n) for n in ("_cmd_align", "_cmd_fuse", "_cmd_interpolate", "_cmd_distances"))
+_cmd_curve, _cmd_analyze_curve, _cmd_plot = (
+    _command("commands_curve", n) for n in ("_cmd_curve", "_cmd_analyze_curve", "_cmd_plot"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure(args: argparse.Namespace) -> None:
+    import torch
+
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="fusion: %(levelname)s: %(message)s")
@@ -193,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    import torch  # after parsing: --help and usage errors never import it
+
     threads = torch.get_num_threads()  # restored afterwards: main() may run inside a longer-lived process
     try:
         if getattr(args, "config", None) is not None:

@@ -5,16 +5,37 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-
-from ..data import DATASETS
 
 ALIGN_METHODS = ("weight", "activation", "ot")
 FUSE_METHODS = ("average", "merge", "merge-repair", "ot", "transplant")
 DISTANCE_METRICS = ("normalized_l2", "relative", "raw_l2")
 CURVE_SUMMARY = "analysis_summary.json"
 DEPTHS = ("early", "mid", "late")  # fusion.neuronswap.DEPTHS, without importing the library at start-up
+
+
+class _DatasetNames(Sequence[str]):
+    """``fusion.data.DATASETS``, read when argparse first needs it (to check a value or print a command's help),
+    so that building the parser does not import torch."""
+
+    def _names(self) -> Sequence[str]:
+        from ..data import DATASETS
+
+        return DATASETS
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -79,7 +100,7 @@ def _model_options() -> argparse.ArgumentParser:
 def _data_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parent.add_argument_group("data")
-    group.add_argument("--dataset", default="digits", choices=DATASETS,
+    group.add_argument("--dataset", default="digits", choices=_DatasetNames(),
                        help="data set (default digits: embedded, offline); the others are read from --data-root")
     group.add_argument("--data-root", type=Path,
                        help="folder holding cifar-10-batches-py/, cifar-100-python/ or MNIST/")

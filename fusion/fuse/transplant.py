@@ -40,11 +40,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
-from torch_pruning.pruner import function as tp_function
 
+from .._lazy import tp
 from ..checks import describe_shapes, eval_mode, model_device, move_inputs
 from ..errors import DataError, EnsembleError, TraceError
 from ..progress import tqdm
@@ -63,6 +62,8 @@ from .concat import (
     read_block,
 )
 from .layers import resize_tensors, set_submodule
+
+tp_function = tp.pruner.function
 
 __all__ = ["SCHEDULES", "fuse_ensemble", "fuse_hierarchical", "fuse_iterative"]
 
