@@ -99,15 +99,19 @@ def _names_from_graph(graph: fx.Graph, model: nn.Module) -> list[str]:
 
 def _names_from_hooks(model: nn.Module, example_inputs: Any) -> list[str]:
     names: list[str] = []
-    handles = [module.register_forward_pre_hook(lambda _m, _a, name=name: names.append(name))
-               for name, module in model.named_modules() if _owns_parameters(module)]
+    _run_hooked(model, example_inputs, [module.register_forward_pre_hook(lambda _m, _a, name=name: names.append(name))
+                                        for name, module in model.named_modules() if _owns_parameters(module)])
+    return list(dict.fromkeys(names))
+
+
+def _run_hooked(model: nn.Module, example_inputs: Any, handles: list[Any]) -> None:
+    """One forward pass in eval mode without gradients, then remove the hooks ``handles``."""
     try:
         with torch.no_grad(), eval_mode(model):
             run_model(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return list(dict.fromkeys(names))
 
 
 def get_layers_list(graph_or_model: fx.Graph | nn.Module, model: nn.Module | None = None,
@@ -295,13 +299,7 @@ def layer_blocks(model: nn.Module, example_inputs: Any, spec: PermutationSpec | 
                 sizes.setdefault(name, tuple(output.shape[2:]))
         return hook
 
-    handles = [module.register_forward_hook(record(name)) for name, module in candidates.items()]
-    try:
-        with torch.no_grad(), eval_mode(model):
-            run_model(model, example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_hooked(model, example_inputs, [module.register_forward_hook(record(name)) for name, module in candidates.items()])
     convs = [name for name in sizes if isinstance(candidates[name], _ConvNd)]
     if not convs:
         return [[name] for name in sizes]
