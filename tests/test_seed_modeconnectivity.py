@@ -158,3 +158,10 @@ def test_abbreviated_options_are_usage_errors(study, abbreviation, capsys) -> No
     with pytest.raises(SystemExit) as exit_info:
         main(["plot", str(study["curve"] / "layer_distances_along_curve.npz"), abbreviation, "x"])
     assert exit_info.value.code == 2
+
+
+def test_the_command_line_offers_exactly_the_library_depths() -> None:
+    from fusion.cli.options import DEPTHS as CLI_DEPTHS
+    from fusion.neuronswap import DEPTHS
+
+    assert CLI_DEPTHS == DEPTHS
