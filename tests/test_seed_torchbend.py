@@ -48,7 +48,7 @@ def bended() -> tb.BendedModule:
 def test_cell2_weights_names_shapes_and_table(bended: tb.BendedModule, tmp_path: pytest.TempPathFactory, capsys) -> None:
     weight_names = bended.weight_names
     weight_shapes = list(map(bended.weight_shape, weight_names))
-    bended.print_weights();
+    bended.print_weights()
     assert weight_names[:6] == ["conv_modules.0.weight", "conv_modules.0.bias", "conv_modules.1.weight",
                                 "conv_modules.1.bias", "batch_norm.weight", "batch_norm.bias"]
     assert weight_shapes[0] == torch.Size([4, 1, 3]) and weight_shapes[2] == torch.Size([8, 4, 3])
@@ -63,7 +63,7 @@ def test_cell3_trace_forward_and_another_method(bended: tb.BendedModule, capsys)
     activation_names = bended.activation_names()
     activation_shapes = list(map(bended.activation_shape, activation_names))
     print('forward method : ')
-    bended.print_activations();
+    bended.print_activations()
     assert activation_names == ["x", "conv_modules_0", "conv_modules_1", "batch_norm", "nnlin"]
     assert activation_shapes == [torch.Size([4, 1, 128]), torch.Size([4, 4, 126]), torch.Size([4, 8, 124]),
                                  torch.Size([4, 8, 124]), torch.Size([4, 8, 124])]
@@ -73,7 +73,7 @@ def test_cell3_trace_forward_and_another_method(bended: tb.BendedModule, capsys)
     activation_names = bended.activation_names(fn)
     activation_shapes = list(map(partial(bended.activation_shape, fn=fn), activation_names))
     print(f'{fn} method : ')
-    bended.print_activations(fn);
+    bended.print_activations(fn)
     assert activation_names == ["x", "conv_modules_0", "conv_modules_1", "nnlin"]
     assert activation_shapes[-1] == torch.Size([4, 8, 124])
     assert "forward_nobatch method" in capsys.readouterr().out
@@ -182,7 +182,7 @@ def test_cell10_bending_config_save_and_load(tmp_path: pytest.TempPathFactory) -
     bended.bend(tb.Mask(prob=0.4), "conv_modules.0.weight", "nnlin")
     bended.bend(tb.Mask(prob=0.6), "conv_modules.0.weight", "conv_modules.1.weight")
 
-    bending_config = bended.bending_config();
+    bending_config = bended.bending_config()
     print("bending config : ", bending_config)
     key = "conv_modules.0.weight"
     print(f"operations for key {key}:", bending_config.op_from_key(key))

@@ -11,7 +11,7 @@ import torch
 from ..analysis.io import write_text
 from ..checks import describe_shapes
 
-__all__ = ["format_table", "render_meta", "tensor_meta", "write_or_print"]
+__all__ = ["format_table", "render_meta", "short_list", "tensor_meta", "write_or_print"]
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -46,3 +46,8 @@ def write_or_print(table: str, out: str | os.PathLike | None) -> str:
     else:
         write_text(out, table + "\n")
     return table
+
+
+def short_list(names: Sequence[str], limit: int = 8) -> str:
+    """``"a, b, c"``, cut after ``limit`` names with the total count."""
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
