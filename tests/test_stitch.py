@@ -9,13 +9,13 @@ from torch import nn
 
 from fusion.errors import DataError, StitchError
 from fusion.inspect.moments import CrossMoments
-from fusion.layers import LowRankLinear, ProcrustesLinear, RegressableLinear
 from fusion.inspect.stitch import (
     StitchedModel,
     cut_points,
     fit_stitch,
     stitch,
 )
+from fusion.layers import LowRankLinear, ProcrustesLinear, RegressableLinear
 
 STITCH_TOL = 1e-4
 
