@@ -465,6 +465,8 @@ class Inspector(VersionsMixin, nn.Module):
 
     def _activation_chains(self, fn: str | None = None) -> dict[str, list[BendingCallback]]:
         """Activation name -> callbacks, for the activations that exist in ``fn``."""
+        if not any(activations for _, _, activations in self._bends):
+            return {}
         known = set(self.activation_names(fn))
         traced = self._traced(fn)
         aliases = traced.module_nodes if traced is not None else {}

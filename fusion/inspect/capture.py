@@ -30,6 +30,7 @@ __all__ = [
     "TracedModel",
     "copy_graph_module",
     "features_as_matrix",
+    "finish_graph_module",
     "forward_hooks",
     "hook_activations",
     "probe_module",
@@ -210,7 +211,8 @@ def _copy_graph(graph: fx.Graph) -> tuple[fx.Graph, Any]:
     return new, value
 
 
-def _finish(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+def finish_graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """A GraphModule of ``graph`` over ``root``'s submodules, without dead nodes or unused submodules."""
     module = fx.GraphModule(root, graph, class_name=class_name)
     module.graph.eliminate_dead_code()
     module.graph.lint()
@@ -237,7 +239,7 @@ def truncate_graph(graph_module: fx.GraphModule, node_name: str) -> fx.GraphModu
     graph, _ = _copy_graph(graph_module.graph)
     by_name = {n.name: n for n in graph.nodes}
     graph.output(by_name[node_name])
-    return _finish(graph_module, graph, f"{type(graph_module).__name__}Front")
+    return finish_graph_module(graph_module, graph, f"{type(graph_module).__name__}Front")
 
 
 def probe_module(graph_module: fx.GraphModule, node_names: Sequence[str]) -> fx.GraphModule:
@@ -254,7 +256,7 @@ def probe_module(graph_module: fx.GraphModule, node_names: Sequence[str]) -> fx.
         with graph.inserting_after(node):
             outputs.append(graph.call_function(_detached_clone, (node,)))
     graph.output(tuple(outputs))
-    return _finish(graph_module, graph, f"{type(graph_module).__name__}Probe")
+    return finish_graph_module(graph_module, graph, f"{type(graph_module).__name__}Probe")
 
 
 def _detached_clone(value: Any) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 from torch import fx, nn
 
 from ..errors import FusionError, TraceError
-from .capture import TracedModel, trace_model, truncate_graph
+from .capture import TracedModel, finish_graph_module, trace_model, truncate_graph
 
 __all__ = ["MERGED_FROM", "merge_graph_modules", "nodes_from", "set_output"]
 
@@ -175,12 +175,7 @@ def merge_graph_modules(
         outputs[name] = copied["__output__"]
     target = _split(output, traced, "output", error) if output is not None else (list(modules)[-1], None)
     graph.output(_value(target, values, outputs))
-    merged = fx.GraphModule(root, graph, class_name=class_name)
-    merged.graph.eliminate_dead_code()
-    merged.graph.lint()
-    merged.delete_all_unused_submodules()
-    merged.recompile()
-    return merged
+    return finish_graph_module(root, graph, class_name)
 
 
 def _value(ref: tuple[str, str | None], values: dict[str, dict[str, fx.Node]], outputs: dict[str, Any]) -> Any:
