@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.fx import symbolic_trace
 
+import fusion
 from fusion.errors import FusionError, LayerError
 from fusion.inspect import CrossMoments, merge_graph_modules, set_output
 from fusion.layers import (
@@ -54,7 +55,7 @@ def test_readme_low_rank_conv_model_runs_and_trains() -> None:
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
-    assert model[0].down.grad is not None
+    assert model[0].down.weight.grad is not None
 
 
 @pytest.mark.parametrize("make", ALL_LAYERS)
@@ -189,3 +190,16 @@ def test_merge_graph_modules_rejects_cycles_and_unknown_names() -> None:
         merge_graph_modules({"a": _cnn(), "b": _cnn()}, {"a": "b", "b": "a"})
     with pytest.raises(FusionError, match="names no model"):
         merge_graph_modules({"a": _cnn()}, {"a.1": "z"})
+
+
+def test_low_rank_layers_are_two_plain_layers_whose_rank_units_permute() -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(LowRankConv2d(3, 16, 3, rank=4), nn.ReLU(), RegressableConv2d(16, 8, 3), nn.ReLU(),
+                          nn.Flatten(), LowRankLinear(8 * 4 * 4, 12, rank=5), nn.ReLU(), nn.Linear(12, 10)).double().eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    spec = fusion.permutation_spec(model, x)
+    assert {(g.name, g.size) for g in spec.groups} >= {("0.down", 4), ("0.up", 16), ("5.down", 5)}
+    permuted = fusion.permute(model, fusion.random_permutation(spec, seed=1), spec)
+    assert fusion.verify_equivalence(model, permuted, x) < 1e-12

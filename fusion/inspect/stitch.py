@@ -99,8 +99,8 @@ def make_stitch_layer(
             )
         layer = LowRankLinear(in_features, out_features, rank, channel_dim=channel_dim)
         with torch.no_grad():
-            layer.down.copy_(torch.eye(rank, in_features))
-            layer.up.copy_(torch.eye(out_features, rank))
+            layer.down.weight.copy_(torch.eye(rank, in_features))
+            layer.up.weight.copy_(torch.eye(out_features, rank))
     with torch.no_grad():
         layer.bias.zero_()
     return layer

@@ -91,12 +91,14 @@ class LowRankConv2d(_Patches, LowRankFamily):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, rank: int, stride: IntPair = 1,
                  padding: IntPair = 0, dilation: IntPair = 1, bias: bool = True) -> None:
+        super().__init__()
         design = self._geometry(in_channels, out_channels, kernel_size, stride, padding, dilation)
-        LowRankFamily.__init__(self, design, out_channels, rank, bias)
+        self._check_rank(rank, design, out_channels)
+        self.down = nn.Conv2d(in_channels, rank, self.kernel_size, self.stride, self.padding, self.dilation, bias=False)
+        self.up = nn.Conv2d(rank, out_channels, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self._conv(x, self.down, None)
-        return F.conv2d(hidden, self.up[:, :, None, None], self.bias)
+        return self.up(self.down(x))
 
     def extra_repr(self) -> str:
         return f"{self._conv_repr()}, rank={self.rank}"

@@ -7,8 +7,6 @@ the constraint; only the way the matrix meets the input differs (``fusion.layers
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -17,39 +15,38 @@ from .regression import RegressableMixin, SemiOrthogonal, check_rank, procrustes
 __all__ = ["LowRankFamily", "ProcrustesFamily"]
 
 
-def _uniform_(tensor: torch.Tensor, fan_in: int) -> None:
-    """torch's default Linear/Conv initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-    nn.init.uniform_(tensor, -bound, bound)
-
-
 class LowRankFamily(RegressableMixin, nn.Module):
-    """``W = up @ down`` with ``down`` (rank, design) and ``up`` (out, rank); fitted by reduced-rank regression."""
+    """``W = up @ down`` with two ordinary layers ``down`` (design -> rank) and ``up`` (rank -> out, with the bias).
 
-    def __init__(self, design_size: int, out_size: int, rank: int, bias: bool = True) -> None:
-        super().__init__()
+    Subclasses build ``down`` and ``up`` (``nn.Linear`` or ``nn.Conv2d``, so that tools that read layer
+    types, such as torch-pruning and :func:`fusion.permutation_spec`, see two plain layers joined by a
+    rank-wide hidden dimension). Fitted by reduced-rank regression.
+    """
+
+    down: nn.Linear | nn.Conv2d
+    up: nn.Linear | nn.Conv2d
+
+    def _check_rank(self, rank: int, design_size: int, out_size: int) -> int:
         self.rank = check_rank(rank, design_size, out_size, type(self).__name__)
-        self.down = nn.Parameter(torch.empty(rank, design_size))
-        self.up = nn.Parameter(torch.empty(out_size, rank))
-        self.bias = nn.Parameter(torch.empty(out_size)) if bias else None
-        self.reset_parameters()
+        return self.rank
 
-    @torch.no_grad()
+    @property
+    def bias(self) -> nn.Parameter | None:  # type: ignore[override]
+        return self.up.bias
+
     def reset_parameters(self) -> None:
-        """Random factors (torch's default initialisation of each factor as a layer); zero-mean bias."""
-        _uniform_(self.down, self.down.shape[1])
-        _uniform_(self.up, self.rank)
-        if self.bias is not None:
-            _uniform_(self.bias, self.down.shape[1])
+        """torch's default initialisation of both factors."""
+        self.down.reset_parameters()
+        self.up.reset_parameters()
 
     def weight_matrix(self) -> torch.Tensor:
-        return self.up @ self.down
+        return self.up.weight.flatten(1) @ self.down.weight.flatten(1)
 
     def _solve(self, sxx: torch.Tensor, sxy: torch.Tensor, ridge: float, rcond: float) -> torch.Tensor:
         up, down = reduced_rank(sxx, sxy, self.rank, ridge, rcond)
         with torch.no_grad():
-            self.up.copy_(up.to(self.up))
-            self.down.copy_(down.to(self.down))
+            self.up.weight.copy_(up.reshape(self.up.weight.shape).to(self.up.weight))
+            self.down.weight.copy_(down.reshape(self.down.weight.shape).to(self.down.weight))
         return up @ down
 
 

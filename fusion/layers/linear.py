@@ -70,7 +70,7 @@ class RegressableLinear(_Features, RegressableMixin, nn.Linear):
 
 
 class LowRankLinear(_Features, LowRankFamily):
-    """``y = up @ (down @ x) + b``: a linear layer of rank ``rank`` (``rank * (in + out)`` weights).
+    """``y = up(down(x))``: a linear layer of rank ``rank`` (``rank * (in + out)`` weights) made of two ``nn.Linear``.
 
     Args:
         in_features, out_features: sizes as for ``nn.Linear``.
@@ -80,11 +80,14 @@ class LowRankLinear(_Features, LowRankFamily):
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *, channel_dim: int = -1) -> None:
-        super().__init__(in_features, out_features, rank, bias)
+        super().__init__()
+        self._check_rank(rank, in_features, out_features)
         self.in_features, self.out_features, self.channel_dim = in_features, out_features, channel_dim
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._map(x, lambda v: F.linear(F.linear(v, self.down), self.up, self.bias))
+        return self._map(x, lambda v: self.up(self.down(v)))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
