@@ -6,7 +6,6 @@ assertions of the behaviour the document describes.
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import pytest
@@ -173,8 +172,8 @@ def test_cell8_9_channel_mask_works_for_other_input_lengths(bended: tb.BendedMod
     assert torch.equal(out[0, ~zero_channels], bended.module(x)[0, ~zero_channels])
 
 
-def test_cell10_bending_config_save_and_load(tmp_path: pytest.TempPathFactory) -> None:
-    os.chdir(tmp_path)
+def test_cell10_bending_config_save_and_load(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     module = Stanley()
     bended = tb.BendedModule(module)
     bended.trace(x=torch.randn(1, 1, 1024))
