@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,9 +28,21 @@ import torch
 from torch import fx, nn
 from torch.func import functional_call
 
-from ..checks import describe_shapes, eval_mode
-from ..errors import BendingError, ExampleInputError, FusionError
+from ..checks import eval_mode
+from ..errors import BendingError
 from .callbacks import BendingCallback, as_callback
+from .calls import (
+    ActivationBend,
+    MethodCall,
+    ShapeRecorder,
+    apply_chain,
+    call_inputs,
+    checked_call,
+    flat_names,
+    fullmatch,
+    invoke,
+    is_names,
+)
 from .capture import (
     TracedModel,
     copy_graph_module,
@@ -51,78 +62,6 @@ FORWARD = "forward"
 
 #: A live bend: callback, weight names, activation names.
 _Bend = tuple[BendingCallback, tuple[str, ...], tuple[str, ...]]
-
-
-def _apply_chain(callbacks: Sequence[BendingCallback], value: Any, name: str) -> Any:
-    for callback in callbacks:
-        if not isinstance(value, torch.Tensor):
-            raise BendingError(
-                f"activation {name!r} is a {type(value).__name__}, not a tensor; bend one of its elements "
-                "(a getitem node) instead"
-            )
-        value = callback(value, name)
-    return value
-
-
-class _ActivationBend(nn.Module):
-    """Graph node applying a chain of callbacks to one activation."""
-
-    def __init__(self, name: str, callbacks: Sequence[BendingCallback]) -> None:
-        super().__init__()
-        self.activation = name
-        self.callbacks = tuple(callbacks)
-
-    def forward(self, value: Any) -> Any:
-        return _apply_chain(self.callbacks, value, self.activation)
-
-
-class _MethodCall(nn.Module):
-    """``forward`` runs ``inner.<method>``, so that ``functional_call`` can run any method of a model."""
-
-    def __init__(self, inner: nn.Module, method: str) -> None:
-        super().__init__()
-        self.inner = inner
-        self.method = method
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.inner, self.method)(*args, **kwargs)
-
-
-class _ShapeRecorder(fx.Interpreter):
-    """Interpreter recording a description of every node's value."""
-
-    def __init__(self, module: fx.GraphModule) -> None:
-        super().__init__(module)
-        self.shapes: dict[str, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
-        if n.op != "output":
-            self.shapes[n.name] = tensor_meta(value)
-        return value
-
-
-def _call_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Normalise inputs: one tuple/list positional = the arguments, one dict positional = keyword arguments."""
-    if len(args) == 1 and not kwargs:
-        if isinstance(args[0], (tuple, list)):
-            return tuple(args[0]), {}
-        if isinstance(args[0], dict):
-            return (), dict(args[0])
-    return tuple(args), dict(kwargs)
-
-
-def _flat_names(names: Sequence[Any]) -> list[str]:
-    flat: list[str] = []
-    for name in names:
-        flat.extend([name] if isinstance(name, str) else list(name))
-    return flat
-
-
-def _is_names(value: Any) -> bool:
-    return isinstance(value, str) or (
-        isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, str) for v in value)
-    )
 
 
 class Inspector(VersionsMixin, nn.Module):
@@ -292,11 +231,11 @@ class Inspector(VersionsMixin, nn.Module):
             fn, args = args[0], args[1:]
         fn = fn or FORWARD
         traced = self._traced(fn)
-        args, kwargs = _call_inputs(args, kwargs)
+        args, kwargs = call_inputs(args, kwargs)
         with torch.no_grad(), eval_mode(self.module):
             if traced is not None:
-                recorder = _ShapeRecorder(traced.graph_module)
-                _invoke(lambda: recorder.run(*self._positional(traced, args, kwargs)), args, kwargs)
+                recorder = ShapeRecorder(traced.graph_module)
+                invoke(lambda: recorder.run(*self._positional(traced, args, kwargs)), args, kwargs)
                 shapes = recorder.shapes
             else:
                 shapes = {}
@@ -305,7 +244,7 @@ class Inspector(VersionsMixin, nn.Module):
                     return lambda out: shapes.__setitem__(name, tensor_meta(out))
 
                 with forward_hooks(self.module, {n: shape_of(n) for n in self.activation_names(fn)}):
-                    _invoke(lambda: self._call(fn, args, kwargs, bended=False), args, kwargs)
+                    invoke(lambda: self._call(fn, args, kwargs, bended=False), args, kwargs)
         self._shapes[fn] = shapes
         return self
 
@@ -378,22 +317,22 @@ class Inspector(VersionsMixin, nn.Module):
             Name -> detached copy of the activation (exact names keep the spelling given; regular
             expressions yield the names they matched).
         """
-        if names and not _is_names(names[0]):
+        if names and not is_names(names[0]):
             if inputs is not None:
                 raise BendingError("give the inputs once: first positional argument or inputs=, not both")
             inputs, names = names[0], names[1:]
-        patterns = _flat_names(names)
+        patterns = flat_names(names)
         if inputs is None:
             args, kwargs = (), kwargs
         else:
-            args, kwargs = _call_inputs((inputs,), {}) if not kwargs else ((inputs,), kwargs)
+            args, kwargs = call_inputs((inputs,), {}) if not kwargs else ((inputs,), kwargs)
         fn = fn or FORWARD
         traced = self._traced(fn)
         if traced is None:
             pairs = resolve_names(patterns, self.activation_names(fn), {}, BendingError, "names")
             recorded: dict[str, Any] = {}
             record = recorders([c for _, c in pairs], recorded)
-            _invoke(lambda: self._call(fn, args, kwargs, bended, after=record), args, kwargs)
+            invoke(lambda: self._call(fn, args, kwargs, bended, after=record), args, kwargs)
             return {key: recorded[c] for key, c in pairs if c in recorded}
         pairs = traced.resolve(patterns, BendingError, "names")
         chains = self._activation_chains(fn) if bended else {}
@@ -405,7 +344,7 @@ class Inspector(VersionsMixin, nn.Module):
         key = ("probe", fn, bool(chains), tuple(nodes))
         if key not in self._cache:
             self._cache[key] = probe_module(graph_module, nodes)
-        values = _invoke(lambda: self._run_module(self._cache[key], args, kwargs, bended), args, kwargs)
+        values = invoke(lambda: self._run_module(self._cache[key], args, kwargs, bended), args, kwargs)
         return {key: value for (key, _), value in zip(pairs, values)}
 
     # ----------------------------------------------------------------------------------- running
@@ -440,14 +379,14 @@ class Inspector(VersionsMixin, nn.Module):
         if traced is not None:
             return self._run_module(self._bent_graph(fn)[0], args, kwargs, bended)
         hooks = (
-            forward_hooks(self.module, {n: (lambda out, _n=n, _c=c: _apply_chain(_c, out, _n)) for n, c in chains.items()})
+            forward_hooks(self.module, {n: (lambda out, _n=n, _c=c: apply_chain(_c, out, _n)) for n, c in chains.items()})
             if chains
             else contextlib.nullcontext()
         )
         with hooks, forward_hooks(self.module, after or {}):
             if fn == FORWARD:
                 return self._run_module(self.module, args, kwargs, bended)
-            return self._run_module(_MethodCall(self.module, fn), args, kwargs, bended, prefix="inner.")
+            return self._run_module(MethodCall(self.module, fn), args, kwargs, bended, prefix="inner.")
 
     def run(self, fn: str, *args: Any, **kwargs: Any) -> Any:
         """Run method ``fn`` of the wrapped model bent (``inspector.run("forward_nobatch", x)``)."""
@@ -488,7 +427,7 @@ class Inspector(VersionsMixin, nn.Module):
             bend_nodes = {}
             for k, (name, chain) in enumerate(self._activation_chains(fn).items()):
                 target = f"_fusion_bend_{k}"
-                graph_module.add_submodule(target, _ActivationBend(name, chain))
+                graph_module.add_submodule(target, ActivationBend(name, chain))
                 with graph_module.graph.inserting_after(nodes[name]):
                     new = graph_module.graph.call_module(target, (nodes[name],))
                 nodes[name].replace_all_uses_with(new, delete_user_cb=lambda user, _new=new: user is not _new)
@@ -531,7 +470,7 @@ class Inspector(VersionsMixin, nn.Module):
             except BendingError:
                 found = []
             exact = pattern in activation_names or pattern in aliases
-            matched_weights = [] if exact else [w for w in weight_names if _fullmatch(pattern, w)]
+            matched_weights = [] if exact else [w for w in weight_names if fullmatch(pattern, w)]
             if not found and not matched_weights:
                 raise BendingError(
                     f"no weight or activation named or matching {pattern!r}; weights: {short_list(weight_names)}; "
@@ -582,7 +521,7 @@ class Inspector(VersionsMixin, nn.Module):
             for name in activations:
                 meta = shapes.get(name)
                 if isinstance(meta, tuple):
-                    _checked_call(callback, torch.zeros(meta[0], dtype=meta[1]), name, "activation")
+                    checked_call(callback, torch.zeros(meta[0], dtype=meta[1]), name, "activation")
 
     @staticmethod
     def _compute_bent(base: dict[str, torch.Tensor], bends: list[_Bend]) -> dict[str, torch.Tensor]:
@@ -591,7 +530,7 @@ class Inspector(VersionsMixin, nn.Module):
             for callback, names, _ in bends:
                 for name in names:
                     current = bent.get(name, base[name])
-                    out = _checked_call(callback, current, name, "weight")
+                    out = checked_call(callback, current, name, "weight")
                     bent[name] = out.detach().to(dtype=current.dtype, device=current.device)
         return bent
 
@@ -616,38 +555,6 @@ class Inspector(VersionsMixin, nn.Module):
         self._bends, self._active, self._version = [], None, ORIGINAL
         self._refresh()
         return self
-
-def _invoke(run: Callable[[], Any], args: tuple, kwargs: dict) -> Any:
-    """``run()``, re-raising the model's shape/dtype errors as :class:`ExampleInputError` naming the input shapes."""
-    try:
-        return run()
-    except FusionError:
-        raise
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        shapes = describe_shapes((*args, kwargs) if kwargs else args)
-        raise ExampleInputError(f"the model rejected inputs of shape {shapes}: {exc}") from exc
-
-
-def _checked_call(callback: BendingCallback, tensor: torch.Tensor, name: str, kind: str) -> torch.Tensor:
-    """``callback(tensor, name)``, raising BendingError if it fails or changes the shape."""
-    try:
-        out = callback(tensor, name)
-    except BendingError as exc:
-        raise BendingError(f"{kind} {name!r}: {exc}") from exc
-    except Exception as exc:
-        raise BendingError(f"{callback!r} fails on {kind} {name!r} of shape {tuple(tensor.shape)}: {exc}") from exc
-    if not isinstance(out, torch.Tensor) or out.shape != tensor.shape:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise BendingError(f"{callback!r} changes {kind} {name!r} from shape {tuple(tensor.shape)} to {got}")
-    return out
-
-
-def _fullmatch(pattern: str, name: str) -> bool:
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error as exc:
-        raise BendingError(f"{pattern!r} is no known name and not a valid regular expression ({exc})") from exc
-
 
 #: Alias of :class:`Inspector` (the name used by torchbend).
 BendedModule = Inspector
