@@ -114,3 +114,19 @@ def test_experiment_with_mlflow_logs_results_series_and_plots(store, tmp_path: P
     assert _artifacts(client, run.info.run_id) == {"curve.png", "results.json"}
     history = client.get_metric_history(run.info.run_id, "results.loss")
     assert sorted(m.step for m in history) == [0, 1, 2]
+
+
+def test_stitch_finetuning_logs_its_loss_per_epoch(store) -> None:
+    import torch
+    from torch import nn
+
+    from fusion import fit_stitch, stitch
+
+    uri, client = store
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    data = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(2)]
+    with tracking_run(uri, "stitching"):
+        fit_stitch(stitch(model, "1", model, "1", data[0][0]), data, progress=False, finetune_epochs=3)
+    run = _only_run(client, "stitching")
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "stitch_finetune_loss")) == [0, 1, 2]

@@ -43,6 +43,7 @@ from ..checks import (
 from ..errors import DataError, ExampleInputError, StitchError, TraceError
 from ..layers import LowRankLinear, ProcrustesLinear, RegressableLinear
 from ..progress import tqdm
+from ..tracking import active_tracker
 from .capture import TracedModel, trace_model
 from .graphs import merge_graph_modules, set_output
 from .moments import CrossMoments
@@ -337,6 +338,7 @@ def _finetune(
                 optimizer.step()
                 total, count = total + float(value.detach()), count + 1
             losses.append(total / max(count, 1))
+            active_tracker().log_metrics({"stitch_finetune_loss": losses[-1]}, step=epoch)
             logger.info("stitch fine-tuning epoch %d: loss %.5g", epoch + 1, losses[-1])
     return losses
 
@@ -364,7 +366,8 @@ def fit_stitch(
         stitched: a :class:`StitchedModel` from :func:`stitch`.
         data: DataLoader or iterable of ``(inputs, targets)`` batches (or input tensors), or one tensor.
         progress: show tqdm progress bars.
-        finetune_epochs: epochs of gradient fine-tuning of the stitching layer after the closed-form fit.
+        finetune_epochs: epochs of gradient fine-tuning of the stitching layer after the closed-form fit (each
+            epoch's mean loss also goes to the active MLflow run as ``stitch_finetune_loss``, see :mod:`fusion.tracking`).
         lr: Adam learning rate for fine-tuning.
         loss: fine-tuning objective: ``"task"`` (cross-entropy of the stitched output against the batch
             targets) or ``"activation"`` (MSE to B's representation at ``layer_b``).
