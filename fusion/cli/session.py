@@ -21,6 +21,7 @@ from ..checkpoint import (
 )
 from ..data import DataSplit, example_batch, get_data, make_loaders
 from ..errors import DataError
+from ..tracking import active_tracker
 
 
 class _Session:
@@ -125,3 +126,4 @@ def _echo(text: str) -> None:
 def _wrote(paths: Sequence[Path]) -> None:
     for path in paths:
         _echo(f"wrote {path}")
+    active_tracker().log_files(paths)
