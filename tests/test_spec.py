@@ -240,7 +240,7 @@ def test_coverage_counts_refused_groups_by_kind_not_by_reason_text():
     # The refused group's reason mentions "output"-like words; it must still count as a hidden set.
     cov = fusion.permutation_coverage(SortedUnits().eval(), torch.randn(3, 4))
     assert cov.groups == 0 and cov.hidden_groups_permuted == 0.0
-    assert cov.skipped_by_kind == {"output": 1, "verification": 1}
+    assert cov.skipped_by_kind == {"output": 1, "unsupported": 1}  # the flow: "read by sort, which has no channel rule"
 
 
 class SortedUnits(nn.Module):

@@ -166,7 +166,7 @@ def second_opinion(
     unwrapped_parameters: dict[str, int] | None = None,
     deadline: float | None = None,
 ) -> PermutationSpec:
-    """torch-pruning's spec, or the channel flow's where that moves more parameter elements.
+    """torch-pruning's spec, or the channel flow's where that moves at least as many parameter elements.
 
     ``spec`` is torch-pruning's (None when it raised ``error``). The flow is consulted only when
     torch-pruning refused hidden units for a reason the flow may not share; its groups are verified
@@ -196,7 +196,10 @@ def second_opinion(
         groups, refused = verify_groups(model, example_inputs, groups, seed)
         skipped = skipped + refused
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if spec is not None and moved_elements(list(spec.groups), shapes) >= moved_elements(groups, shapes):
+    # torch-pruning refused part of this model, so it was confused somewhere: on a tie, trust the flow
+    # (a wrong coupling next to the refused one can pass verification by chance, e.g. two swapped
+    # split parts permuted by the same cycle)
+    if spec is not None and moved_elements(list(spec.groups), shapes) > moved_elements(groups, shapes):
         return spec
     log.info("%s: the channel flow's %d groups replace torch-pruning's", type(model).__name__, len(groups))
     return PermutationSpec(tuple(groups), tuple(skipped), shapes, type(model).__name__)
