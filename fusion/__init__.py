@@ -88,6 +88,7 @@ from .spec import (
     PermutationSpec,
     SkippedGroup,
     permutation_spec,
+    structural_difference,
 )
 
 __version__ = "0.1.0"
@@ -116,6 +117,7 @@ __all__ = [
     "compose_permutations",
     "check_permutations",
     "verify_equivalence",
+    "structural_difference",
     "Coverage",
     "permutation_coverage",
     # alignment

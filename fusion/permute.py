@@ -242,6 +242,9 @@ def verify_equivalence(model_a: nn.Module, model_b: nn.Module, example_inputs: A
     """``max |f_a(x) - f_b(x)| / max |f_a(x)|`` on ``example_inputs``, in eval mode without grad.
 
     Both models keep their train/eval mode. Returns a float (0.0 for identical functions).
+
+    This compares two models *with their own weights*; whether a permutation is a symmetry of the
+    architecture (for every weight values) is checked by :func:`~fusion.structural_difference`.
     """
     from .spec import relative_difference
 

@@ -29,7 +29,6 @@ projections are not called as modules, gets the same layout from its packed ``in
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import defaultdict
 from collections.abc import Collection, Sequence
@@ -42,6 +41,7 @@ from torch import nn
 from ..checks import main_output, move_inputs, split_inputs
 from .hf_layers import linear_axes
 from .records import AxisMember, PermutationGroup, SkippedGroup
+from .verify import structural_copy
 
 log = logging.getLogger(__name__)
 
@@ -141,35 +141,6 @@ def multihead_attention_layout(name: str, mha: nn.MultiheadAttention, canonical:
 # --------------------------------------------------------------------------------------------
 # A float64 copy at O(1) scale, and the Jacobian probe
 # --------------------------------------------------------------------------------------------
-
-
-def structural_copy(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A float64 copy of ``model`` with every parameter re-drawn at O(1) scale (eval mode).
-
-    Matrices get fan-in scaled normal values, vectors named like norm scales values around 1,
-    other vectors (biases) O(1) normal values; normalisation statistics are random with positive
-    variances. Near-zero initial weights can hide a wrong symmetry; these cannot.
-    """
-    work = copy.deepcopy(model).double().eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in work.named_parameters():
-            p.copy_(_redraw(name, p, gen))
-            p.requires_grad_(True)
-        for name, b in work.named_buffers():
-            if b.is_floating_point() and name.endswith(("running_var", "running_mean")):
-                b.copy_(_redraw(name, b, gen))
-    return work
-
-
-def _redraw(name: str, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    if name.endswith("running_var"):
-        return 0.5 + torch.rand(p.shape, generator=gen, dtype=p.dtype)
-    if p.dim() >= 2:
-        return torch.randn(p.shape, generator=gen, dtype=p.dtype) / max(1, p[0].numel()) ** 0.5
-    if name.rsplit(".", 1)[-1] in ("weight", "gamma", "scale", "g"):
-        return 0.5 + torch.rand(p.shape, generator=gen, dtype=p.dtype)
-    return 0.5 * torch.randn(p.shape, generator=gen, dtype=p.dtype)
 
 
 @dataclass
@@ -446,9 +417,8 @@ class AttentionSearch:
         return {a for lay in self.layouts for a in lay.internal_axes}
 
 
-def find_attention(model: nn.Module, example_inputs: Any, canonical: dict[str, str], probe: nn.Module | None = None
-                   ) -> AttentionSearch:
-    """The attention layers of ``model`` with their head layouts (``probe``: its structural copy)."""
+def find_attention(model: nn.Module, example_inputs: Any, canonical: dict[str, str], seed: int = 0) -> AttentionSearch:
+    """The attention layers of ``model`` with their head layouts, read off a structural copy."""
     layouts, refused = [], []
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
@@ -460,7 +430,9 @@ def find_attention(model: nn.Module, example_inputs: Any, canonical: dict[str, s
     has_linear = any(linear_axes(m) is not None for m in model.modules() if not isinstance(m, nn.MultiheadAttention))
     if not has_linear:
         return AttentionSearch(tuple(layouts), tuple(refused))
-    work = probe if probe is not None else structural_copy(model)
+    work = structural_copy(model, seed)
+    for p in work.parameters():
+        p.requires_grad_(True)  # frozen per-head tables must show their dependencies too
     from ..checks import model_device
     captures = _capture_linears(work, move_inputs(example_inputs, model_device(work), torch.float64))
     by_leaf = {id(c.output): n for n, c in captures.items()}
@@ -622,15 +594,8 @@ def merge_sharing(groups: list[PermutationGroup], axes: set[tuple[str, int]] | N
     return merged, refused
 
 
-def head_groups(search: AttentionSearch, probe: nn.Module, example_inputs: Any, seed: int,
-                exclude: Collection[str] = ()) -> tuple[list[PermutationGroup], list[SkippedGroup]]:
-    """Every head group of the layouts found, checked structurally on ``probe`` (the float64 copy).
-
-    Returns the groups that keep the function and the refused ones with their reasons.
-    """
-    from ..checks import model_device
-    from .verify import _Verifier
-
+def head_groups(search: AttentionSearch, exclude: Collection[str] = ()) -> tuple[list[PermutationGroup], list[SkippedGroup]]:
+    """Every head group of the layouts found (not yet verified), and the refused ones with reasons."""
     groups, skipped = [], list(search.refused)
     for layout in search.layouts:
         if layout.producers and layout.producers[0] in exclude:
@@ -641,17 +606,19 @@ def head_groups(search: AttentionSearch, probe: nn.Module, example_inputs: Any, 
     tables = {(k, a) for layout in search.layouts for k, a, _ in layout.tables}
     whole, refused = merge_sharing([g for g in groups if g.kind == "heads"], tables)
     skipped.extend(refused)
-    groups = whole + [g for g in groups if g.kind != "heads"]
-    if groups:
-        verifier = _Verifier(probe, move_inputs(example_inputs, model_device(probe), torch.float64), seed)
-        failing = verifier.failing(groups)
-        for g in groups:
-            if g.name in failing:
-                what = {"heads": "whole heads (a per-head quantity is not stored in the model, e.g. ALiBi slopes "
-                                 "computed from the head index)",
-                        "head_qk": "query/key dims (a position-dependent op such as a rotary embedding acts on them)",
-                        "head_v": "value dims"}[g.kind]
-                skipped.append(SkippedGroup(g.name, g.size, f"permuting {what} changed the float64 structural copy's "
-                                            f"output (relative difference {failing[g.name]:.1e})"))
-        groups = [g for g in groups if g.name not in failing]
-    return groups, skipped
+    return whole + [g for g in groups if g.kind != "heads"], skipped
+
+
+_FAILED = {
+    "heads": "whole heads (a per-head quantity is not stored in the model, e.g. ALiBi slopes computed from the head index)",
+    "head_qk": "query/key dims (a position-dependent op such as a rotary embedding acts on them)",
+    "head_v": "value dims",
+}
+
+
+def head_refusal(skipped: SkippedGroup, kind: str) -> SkippedGroup:
+    """A verification refusal of a head group, with what permuting it means."""
+    if kind not in _FAILED:
+        return skipped
+    return SkippedGroup(skipped.name, skipped.size, f"permuting {_FAILED[kind]} changed the function: {skipped.reason}",
+                        skipped.kind)
