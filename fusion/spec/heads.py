@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import main_output, move_inputs, split_inputs
+from ..checks import main_output, move_inputs, run_model
 from .hf_layers import linear_axes
 from .records import AxisMember, PermutationGroup, SkippedGroup
 from .verify import structural_copy
@@ -177,9 +177,8 @@ def _capture_linears(work: nn.Module, inputs: Any) -> dict[str, _Capture]:
         handles.append(cap.module.register_forward_pre_hook(pre_hook(cap)))
         handles.append(cap.module.register_forward_hook(hook(cap)))
     try:
-        args, kwargs = split_inputs(inputs)
         with torch.enable_grad():
-            main_output(work(*args, **kwargs))
+            main_output(run_model(work, inputs))
     finally:
         for handle in handles:
             handle.remove()
