@@ -29,6 +29,7 @@ from .errors import (
     EnsembleError,
     ExampleInputError,
     NonFiniteWeightsError,
+    TraceError,
 )
 
 __all__ = [
@@ -234,11 +235,11 @@ def main_output(out: Any) -> torch.Tensor:
     (searched depth first). Caches and other objects are skipped.
 
     Raises:
-        ExampleInputError: the output holds no floating tensor.
+        TraceError: the output holds no floating tensor.
     """
     found = _main_output(out)
     if found is None:
-        raise ExampleInputError(f"the model's output ({describe_shapes(out)}) holds no floating-point tensor to compare")
+        raise TraceError(f"the model's output ({describe_shapes(out)}) holds no floating-point tensor to compare")
     return found
 
 

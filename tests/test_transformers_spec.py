@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fusion.checks import main_output, move_inputs, run_model, split_inputs
-from fusion.errors import ExampleInputError
+from fusion.errors import ExampleInputError, TraceError
 from fusion.spec import relative_difference
 
 transformers = pytest.importorskip("transformers")
@@ -64,7 +64,7 @@ def test_main_output_skips_the_loss_and_non_tensors():
     logits = torch.randn(2, 3)
     assert main_output({"loss": torch.tensor(1.0), "cache": object(), "scores": logits}) is logits
     assert main_output((torch.tensor([1, 2]), [logits])) is logits
-    with pytest.raises(ExampleInputError, match="no floating-point tensor"):
+    with pytest.raises(TraceError, match="no floating-point tensor"):
         main_output((torch.tensor([1, 2]), None))
 
 

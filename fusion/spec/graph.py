@@ -65,6 +65,12 @@ def _build_graph(work: nn.Module, example_inputs: Any, unwrapped: Any, deadline:
             for handle in handles:
                 handle.remove()
 
+    def outputs(out: Any) -> list[torch.Tensor]:
+        try:
+            return [main_output(out), *extra]
+        except TraceError as exc:
+            raise TraceError(f"cannot trace {type(work).__name__}: {exc}") from exc
+
     frozen = [p for p in work.parameters() if not p.requires_grad]
     hooks = {m: set(m._forward_hooks) for m in work.modules()}
     what = f"tracing {type(work).__name__} (torch-pruning build_dependency)"
@@ -76,7 +82,7 @@ def _build_graph(work: nn.Module, example_inputs: Any, unwrapped: Any, deadline:
             # traced on the main output only (logits / last hidden state): caches and auxiliary
             # outputs of ModelOutputs are not the model's output units
             return tp.DependencyGraph().build_dependency(
-                work, example_inputs, forward_fn=forward, output_transform=lambda out: [main_output(out), *extra],
+                work, example_inputs, forward_fn=forward, output_transform=outputs,
                 verbose=False, unwrapped_parameters=unwrapped, customized_pruners=customized_pruners(work),
             )
     except TraceError:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import main_output, move_inputs, run_model
+from ..checks import move_inputs, run_model
 from .hf_layers import linear_axes
 from .records import AxisMember, PermutationGroup, SkippedGroup
 from .verify import structural_copy
@@ -178,7 +178,7 @@ def _capture_linears(work: nn.Module, inputs: Any) -> dict[str, _Capture]:
         handles.append(cap.module.register_forward_hook(hook(cap)))
     try:
         with torch.enable_grad():
-            main_output(run_model(work, inputs))
+            run_model(work, inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -429,11 +429,18 @@ def find_attention(model: nn.Module, example_inputs: Any, canonical: dict[str, s
     has_linear = any(linear_axes(m) is not None for m in model.modules() if not isinstance(m, nn.MultiheadAttention))
     if not has_linear:
         return AttentionSearch(tuple(layouts), tuple(refused))
-    work = structural_copy(model, seed)
-    for p in work.parameters():
-        p.requires_grad_(True)  # frozen per-head tables must show their dependencies too
     from ..checks import model_device
-    captures = _capture_linears(work, move_inputs(example_inputs, model_device(work), torch.float64))
+
+    try:
+        work = structural_copy(model, seed)
+        for p in work.parameters():
+            p.requires_grad_(True)  # frozen per-head tables must show their dependencies too
+        captures = _capture_linears(work, move_inputs(example_inputs, model_device(work), torch.float64))
+    except Exception as exc:  # no float64 copy (a lock, float32-only code): only nn.MultiheadAttention's layouts
+        with torch.no_grad():
+            run_model(model, example_inputs)  # raises ExampleInputError if the inputs are at fault
+        log.info("no attention layouts read from %s: %s: %s", type(model).__name__, type(exc).__name__, exc)
+        return AttentionSearch(tuple(layouts), tuple(refused))
     by_leaf = {id(c.output): n for n, c in captures.items()}
     param_names = {id(p): n for n, p in work.named_parameters()}
     rotary = _rotary_dims(work)
@@ -550,7 +557,7 @@ def layout_groups(layout: AttentionLayout) -> tuple[list[PermutationGroup], list
 
 def merge_sharing(groups: list[PermutationGroup], axes: set[tuple[str, int]] | None = None
                   ) -> tuple[list[PermutationGroup], list[SkippedGroup]]:
-    """Groups that move one tensor axis (of ``axes``, or any) become one group, the axis moved once.
+    """Groups that move the same positions of one tensor axis (of ``axes``, or any) become one group.
 
     Tied weights make this necessary: T5's encoder and decoder residual streams share the
     embedding matrix, and every layer reuses the first layer's relative-position bias table, so
@@ -565,11 +572,13 @@ def merge_sharing(groups: list[PermutationGroup], axes: set[tuple[str, int]] | N
             i = parent[i]
         return i
 
-    owner: dict[tuple[str, int], int] = {}
+    owner: dict[tuple[str, int], dict[int, int]] = defaultdict(dict)  # (tensor, axis) -> position -> group
     for i, g in enumerate(groups):
         for m in g.members:
             if axes is None or (m.name, m.axis) in axes:
-                parent[find(i)] = find(owner.setdefault((m.name, m.axis), i))
+                positions = owner[m.name, m.axis]
+                for pos in m.index.reshape(-1).tolist():
+                    parent[find(i)] = find(positions.setdefault(pos, i))
     components: dict[int, list[PermutationGroup]] = defaultdict(list)
     for i, g in enumerate(groups):
         components[find(i)].append(g)
