@@ -170,7 +170,7 @@ def _capture_linears(work: nn.Module, inputs: Any) -> dict[str, _Capture]:
             if not isinstance(output, torch.Tensor) or cap.output is not None:
                 return None  # a module called twice keeps its first call
             cap.output = output.detach().requires_grad_(True)
-            return cap.output
+            return cap.output.clone()  # a non-leaf: the model may write into it (Falcon's fused qkv)
         return fn
 
     for cap in captures.values():
@@ -203,8 +203,7 @@ def _graph_leaves(root: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
     return leaves, softmax
 
 
-def _dependencies(root: torch.Tensor, leaves: Sequence[torch.Tensor], activations: int, chunk: int = 64
-                  ) -> list[torch.Tensor]:
+def _dependencies(root: torch.Tensor, leaves: Sequence[torch.Tensor], activations: int) -> list[torch.Tensor]:
     """Which columns (last axis) of ``root`` depend on which leaf entries, as bool matrices.
 
     The first ``activations`` leaves are activations: their entries are their features (last
@@ -212,6 +211,7 @@ def _dependencies(root: torch.Tensor, leaves: Sequence[torch.Tensor], activation
     parameters, giving ``(columns, *shape)``. Dependencies are exact zeros of batched gradients.
     """
     columns = root.shape[-1]
+    chunk = max(1, min(64, (1 << 21) // max(1, root.numel())))  # columns per batched backward (memory)
     shapes = [(leaf.shape[-1],) if i < activations else tuple(leaf.shape) for i, leaf in enumerate(leaves)]
     deps = [torch.zeros((columns,) + shape, dtype=torch.bool) for shape in shapes]
     for start in range(0, columns, chunk):
@@ -439,7 +439,7 @@ def find_attention(model: nn.Module, example_inputs: Any, canonical: dict[str, s
     except Exception as exc:  # no float64 copy (a lock, float32-only code): only nn.MultiheadAttention's layouts
         with torch.no_grad():
             run_model(model, example_inputs)  # raises ExampleInputError if the inputs are at fault
-        log.info("no attention layouts read from %s: %s: %s", type(model).__name__, type(exc).__name__, exc)
+        log.warning("no attention layouts read from %s: %s: %s", type(model).__name__, type(exc).__name__, exc)
         return AttentionSearch(tuple(layouts), tuple(refused))
     by_leaf = {id(c.output): n for n, c in captures.items()}
     param_names = {id(p): n for n, p in work.named_parameters()}
