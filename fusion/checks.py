@@ -28,6 +28,7 @@ from .errors import (
     DeviceMismatchError,
     EnsembleError,
     ExampleInputError,
+    FusionError,
     NonFiniteWeightsError,
     TraceError,
 )
@@ -206,6 +207,8 @@ def run_model(model: Any, inputs: Any, argument: str = "example_inputs") -> Any:
     args, kwargs = split_inputs(inputs)
     try:
         return model(*args, **kwargs)
+    except FusionError:
+        raise  # a guard's time/memory stop, or fusion's own check inside the forward
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:
         raise ExampleInputError(
             f"the model rejected {argument} of shape {describe_shapes(inputs)}: {type(exc).__name__}: {exc}"

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..checks import eval_mode, move_inputs
 from ..errors import FusionError, PermutationError, TraceError
+from ..guard import memory_guard
 from .draft import _draft_group, _first_in_module_order, _groups_from_draft, _Unsupported
 from .graph import _all_groups, _build_graph, _canonical_names, _resolve_ignored
 from .heads import AttentionSearch, find_attention, head_groups, head_refusal, merge_sharing
@@ -114,7 +115,10 @@ def _build_spec(
     canonical = _canonical_names(work)
     # attention layers first: their head layouts are read off a float64 probe, and the graph is cut
     # at their projections (fusion.spec.heads)
-    search = find_attention(work, example_inputs, canonical, seed) if attention_heads else AttentionSearch((), ())
+    search = AttentionSearch((), ())
+    if attention_heads:
+        with memory_guard(f"reading the attention layouts of {type(work).__name__}", deadline=deadline):
+            search = find_attention(work, example_inputs, canonical, seed)
     graph = _build_graph(work, example_inputs, unwrapped, deadline, search.cut_outputs, search.cut_inputs)
     internal = search.internal_axes
 
