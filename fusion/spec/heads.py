@@ -47,6 +47,9 @@ from .verify import structural_copy
 
 log = logging.getLogger(__name__)
 
+#: Parameters read inside an attention layer above this size are not per-head tables (their
+#: dependency matrices would be too large to form); they only block the within-head groups.
+_MAX_TABLE = 1 << 16
 _SOFTMAX_NODES = ("Softmax", "ScaledDotProduct", "FlashAttention", "EfficientAttention")
 
 
@@ -455,6 +458,7 @@ def find_attention(model: nn.Module, example_inputs: Any, canonical: dict[str, s
     by_leaf = {id(c.output): n for n, c in captures.items()}
     param_names = {id(p): n for n, p in work.named_parameters()}
     rotary = _rotary_dims(work)
+    mha_params = {id(p) for m in work.modules() if isinstance(m, nn.MultiheadAttention) for p in m.parameters()}
     modules = dict(model.named_modules())
     for out_name, cap in captures.items():
         if cap.input is None or cap.input.grad_fn is None:
@@ -464,6 +468,10 @@ def find_attention(model: nn.Module, example_inputs: Any, canonical: dict[str, s
         if not softmax or not proj_leaves:
             continue
         params = [leaf for leaf in leaves if id(leaf) in param_names]
+        if any(id(leaf) in mha_params for leaf in params):
+            continue  # the softmax is an nn.MultiheadAttention's, whose layout comes from the module
+        big = [param_names[id(leaf)] for leaf in params if leaf.numel() > _MAX_TABLE]
+        params = [leaf for leaf in params if leaf.numel() <= _MAX_TABLE]
         deps = _dependencies(cap.input, proj_leaves + params, len(proj_leaves))
         projections = [(by_leaf[id(leaf)], modules[by_leaf[id(leaf)]], dep) for leaf, dep in zip(proj_leaves, deps)]
         projections.sort(key=lambda x: list(modules).index(x[0]))
@@ -476,7 +484,7 @@ def find_attention(model: nn.Module, example_inputs: Any, canonical: dict[str, s
         try:
             layout = _layout_from_dependencies(
                 name, out_name, modules[out_name], [(k, modules[k], d) for k, _, d in projections], tables,
-                [n for n, _ in others], canonical, rotary)
+                [n for n, _ in others] + big, canonical, rotary)
         except _NoLayout as exc:
             size = int(cap.input.shape[-1])
             layer = out_name.rsplit(".", 1)[0]
