@@ -86,6 +86,12 @@ def test_keep_largest_keeps_the_density_fraction_of_largest_magnitudes():
     torch.testing.assert_close(keep_largest(x, 0.25), torch.tensor([0, -5.0, 0, 0, 0, 0, 4.0, 0]))
 
 
+def test_keep_largest_keeps_exactly_k_entries_when_magnitudes_tie():
+    x = torch.tensor([3.0, -1.0, 1.0, 1.0, -1.0, 0.5])
+    out = keep_largest(x, 0.5)
+    assert int((out != 0).sum()) == 3 and out[0] == 3.0 and set(out[out != 0].abs().tolist()) == {3.0, 1.0}
+
+
 def test_keep_middle_drops_the_gamma_outliers_then_the_smallest():
     x = torch.arange(1.0, 101.0)
     out = keep_middle(x, density=0.5, gamma=0.1)

@@ -76,6 +76,7 @@ def _configs(family: list[Path]) -> dict[str, str]:
         "dare_ties": "merge_method: dare_ties\n" + two.replace(", gamma: 0.05", ""),
         "breadcrumbs": "merge_method: breadcrumbs\n" + two,
         "breadcrumbs_ties": "merge_method: breadcrumbs_ties\n" + two,
+        "ties_three_global": "merge_method: ties\nparameters: {weight: 0.4, density: 0.6}\n" + three,
         "model_stock": "merge_method: model_stock\n" + three,
         "model_stock_filter_wise": "merge_method: model_stock\nparameters: {filter_wise: true}\n" + three,
         "passthrough_slices": (f"merge_method: passthrough\nslices:\n"

@@ -191,11 +191,12 @@ def _task_vector_kernel(consensus: bool, sparsify: str | None) -> Kernel:
         weight = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).reshape(-1, *([1] * base.dim()))
         deltas.mul_(weight)
         if consensus:
-            sign = deltas.sign()
-            elected = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
-            mask = (sign == elected).to(deltas.dtype)
-            mixed = (deltas * mask).sum(dim=0)
-            divisor = (weight * mask).sum(dim=0)
+            positive = deltas.sum(dim=0) >= 0  # the elected sign per entry (TIES' "sum" rule)
+            mixed, divisor = torch.zeros_like(base), torch.zeros_like(base)
+            for i in range(len(others)):
+                agrees = torch.where(positive, deltas[i] > 0, deltas[i] < 0)
+                mixed.add_(deltas[i] * agrees)
+                divisor.add_(weight[i] * agrees)
             divisor[divisor == 0] = 1
         else:
             mixed = deltas.sum(dim=0)

@@ -64,6 +64,21 @@ def execute_tasks(tasks: Sequence[MergeTask], sources: Mapping[str, Source], met
         del tensors, merged
 
 
+def _layout(tasks: Sequence[MergeTask], sources: Mapping[str, TensorSource], config: MergeConfig) -> list[tuple]:
+    """Name, dtype and shape of every output tensor, from the inputs' headers (as :func:`execute_tasks`
+    will produce them: the promoted floating dtype, or ``out_dtype``; non-floating tensors keep theirs)."""
+    layout = []
+    for task in tasks:
+        dtypes = [config.dtype or sources[m].dtype(n) for m, n in zip(task.models, task.inputs)]
+        dtype = dtypes[0]
+        if dtype.is_floating_point:
+            for other in dtypes[1:]:
+                dtype = torch.promote_types(dtype, other)
+            dtype = config.out_dtype or dtype
+        layout.append((task.output, dtype, sources[task.models[0]].shape(task.inputs[0])))
+    return layout
+
+
 def _resolve_model(name: str, config_dir: Path | None) -> Path:
     for candidate in (Path(name), *([config_dir / name] if config_dir else [])):
         if candidate.exists():
@@ -118,7 +133,7 @@ def merge_yaml(config: str | os.PathLike | MergeConfig, out_path: str | os.PathL
         tasks, out_layers = plan_merge(config, sources)
         first = config.base_model or config.referenced_models()[0]
         with atomic_folder(out_path) as tmp:
-            writer = ShardWriter(tmp, shard_bytes)
+            writer = ShardWriter(tmp, _layout(tasks, sources, config), shard_bytes)
             for name, tensor in execute_tasks(tasks, sources, config.method, device=device, dtype=config.dtype,
                                               out_dtype=config.out_dtype, seed=seed, progress=progress):
                 writer.add(name, tensor)

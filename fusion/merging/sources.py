@@ -2,16 +2,21 @@
 
 A model is a Hugging Face folder (``save_pretrained``: ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``, or ``pytorch_model.bin`` files), a single ``.safetensors`` file or
-a torch checkpoint (``torch.save`` of a state dict). Safetensors files are memory-mapped with
-``safetensors.safe_open`` and a tensor is read only when asked for; torch checkpoints are loaded
-with ``torch.load(mmap=True, weights_only=True)``, which maps the storage instead of reading it.
-Nothing is ever downloaded.
+a torch checkpoint (``torch.save`` of a state dict). Nothing is ever downloaded.
+
+Safetensors files are opened once: their header (names, dtypes, shapes, byte ranges) is read, and a
+tensor's bytes are read with one positioned read only when it is asked for. This is deliberately not
+a memory map: pages of a mapped file that were touched stay in the process's resident set while the
+file is mapped, so merging N memory-mapped models tensor by tensor would still show N models' worth
+of resident memory. Torch checkpoints are loaded with ``torch.load(mmap=True, weights_only=True)``
+(pickles have no byte index to read from).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,44 @@ from ..errors import CheckpointError
 __all__ = ["TensorSource"]
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class _SafetensorsFile:
+    """One ``.safetensors`` file: its header, and positioned reads of single tensors."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._file = open(path, "rb")  # noqa: SIM115 - kept open for the merge, closed by close()
+            (length,) = struct.unpack("<Q", self._file.read(8))
+            header = json.loads(self._file.read(length))
+        except (OSError, ValueError, struct.error) as exc:
+            raise CheckpointError(f"cannot read {str(path)!r} as safetensors: {exc}") from exc
+        self._data = 8 + length
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                start, end = info["data_offsets"]
+                self.entries[name] = (_DTYPES[info["dtype"]], tuple(info["shape"]), start, end)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{str(path)!r}: malformed header entry for {name!r} ({exc})") from exc
+
+    def read(self, name: str) -> torch.Tensor:
+        dtype, shape, start, end = self.entries[name]
+        buffer = torch.empty(end - start, dtype=torch.uint8)
+        view = memoryview(buffer.numpy()) if end > start else memoryview(bytearray())
+        read = os.preadv(self._file.fileno(), [view], self._data + start) if end > start else 0
+        if read != end - start:
+            raise CheckpointError(f"{str(self.path)!r} is truncated: tensor {name!r} needs bytes {start}..{end}")
+        return buffer.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class TensorSource:
@@ -85,15 +128,9 @@ class TensorSource:
                               "pytorch_model.bin")
 
     def _index_safetensors(self, files: list[Path]) -> None:
-        from safetensors import SafetensorError, safe_open
-
         for file in files:
-            try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"cannot read {str(file)!r}: {exc}") from exc
-            self._handles[file] = handle
-            for name in handle.keys():
+            self._handles[file] = handle = _SafetensorsFile(file)
+            for name in handle.entries:
                 self._files[name] = file
 
     def _load_torch(self, file: Path) -> None:
@@ -123,17 +160,25 @@ class TensorSource:
         if self._torch_state is not None and name in self._torch_state:
             tensor = self._torch_state[name]
         else:
-            tensor = self._handles[self._files[name]].get_tensor(name)
+            tensor = self._handles[self._files[name]].read(name)
         return tensor.to(device=device, dtype=dtype or tensor.dtype)
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The shape of a tensor, read from the file header (no data is read)."""
         if self._torch_state is not None and name in self._torch_state:
             return tuple(self._torch_state[name].shape)
-        return tuple(self._handles[self._files[name]].get_slice(name).get_shape())
+        return self._handles[self._files[name]].entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype of a tensor, read from the file header (no data is read)."""
+        if self._torch_state is not None and name in self._torch_state:
+            return self._torch_state[name].dtype
+        return self._handles[self._files[name]].entries[name][0]
 
     def close(self) -> None:
-        """Release the memory maps."""
+        """Close the files."""
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
         self._torch_state = None
 

@@ -9,6 +9,7 @@ merge computed here equals mergekit's element for element.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["keep_largest", "keep_middle", "keep_random", "rescale_l1"]
@@ -36,19 +37,35 @@ def _magnitudes(tensor: torch.Tensor) -> torch.Tensor:
     return flat.float() if flat.device.type == "cpu" else flat
 
 
+def _kth_largest(magnitudes: torch.Tensor, k: int) -> float:
+    """The ``k``-th largest value of a flat tensor (a linear-time selection; no index array)."""
+    if magnitudes.device.type == "cpu":
+        values = magnitudes.numpy()
+        return float(np.partition(values, values.size - k)[values.size - k])
+    return float(torch.kthvalue(magnitudes, magnitudes.numel() - k + 1).values)
+
+
 def keep_largest(tensor: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
     """Keep the ``density`` fraction of entries with the largest magnitude (TIES' trim step).
 
-    At least one entry of a non-empty tensor is kept; ``density >= 1`` keeps everything.
+    ``k = max(1, int(density * numel))`` entries are kept (mergekit's count): those above the
+    ``k``-th largest magnitude, then as many of those equal to it as needed (the order among equal
+    magnitudes is unspecified, as with mergekit's unstable sort; at magnitude 0 it makes no
+    difference). ``density >= 1`` keeps everything.
     """
     if density >= 1:
         return tensor
     if tensor.numel() == 0:
         return torch.zeros_like(tensor)
     k = max(1, int(density * tensor.numel()))
-    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    mask[torch.argsort(_magnitudes(tensor), descending=True)[:k]] = 1
-    return rescale_l1(tensor, mask.reshape_as(tensor), rescale)
+    magnitudes = _magnitudes(tensor)
+    threshold = _kth_largest(magnitudes, k)
+    keep = magnitudes > threshold
+    missing = k - int(keep.sum())
+    if missing > 0 and threshold > 0:
+        keep[torch.nonzero(magnitudes == threshold).squeeze(1)[:missing]] = True
+    del magnitudes
+    return rescale_l1(tensor, keep.reshape(tensor.shape), rescale)
 
 
 def keep_middle(tensor: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:

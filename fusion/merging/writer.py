@@ -1,9 +1,9 @@
 """Writing a merged model as a Hugging Face folder, shard by shard, atomically.
 
-:class:`ShardWriter` buffers tensors until the next one would exceed ``max_shard_bytes``, then
-writes the buffer as one safetensors shard, so at most one shard's worth of tensors is held. The
-whole folder is built in a hidden temporary folder next to the destination and renamed into place
-only when :func:`atomic_folder` exits normally; on any error the temporary folder is removed and an
+:class:`ShardWriter` streams each tensor to its shard as soon as it is merged (the layout, and so
+every shard's header, is fixed in advance), so no shard is ever buffered in memory. The whole
+folder is built in a hidden temporary folder next to the destination and renamed into place only
+when :func:`atomic_folder` exits normally; on any error the temporary folder is removed and an
 existing destination is left as it was.
 """
 
@@ -13,9 +13,11 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,52 +67,98 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-class ShardWriter:
-    """Write tensors into ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_bytes``
-    (a single ``model.safetensors`` when everything fits in one) plus the index JSON."""
+_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+          torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
-    def __init__(self, folder: Path, max_shard_bytes: int = 5 * 10**9, metadata: Mapping[str, str] | None = None) -> None:
+Layout = Sequence[tuple[str, torch.dtype, tuple[int, ...]]]
+
+
+class ShardWriter:
+    """Stream tensors into safetensors shards whose layout is fixed before the first byte is written.
+
+    The names, dtypes and shapes of all tensors, in writing order, are known up front (from the
+    inputs' headers), so each shard's header is written when the shard is started and every tensor's
+    bytes go straight to disk when it is added: nothing but the tensor being written is held. Shards
+    hold at most ``max_shard_bytes`` of tensor data (a larger single tensor gets a shard of its own);
+    one shard is ``model.safetensors``, several are ``model-0000i-of-0000n.safetensors`` with
+    ``model.safetensors.index.json``.
+    """
+
+    def __init__(self, folder: Path, layout: Layout, max_shard_bytes: int = 5 * 10**9,
+                 metadata: Mapping[str, str] | None = None) -> None:
         self.folder = Path(folder)
-        self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
+        self._layout = list(layout)
+        shards: list[list[int]] = [[]]
+        used = 0
+        for i, (_, dtype, shape) in enumerate(self._layout):
+            size = _nbytes(dtype, shape)
+            if shards[-1] and used + size > max_shard_bytes:
+                shards.append([])
+                used = 0
+            shards[-1].append(i)
+            used += size
+        count = len(shards)
+        names = (["model.safetensors"] if count == 1 else
+                 [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)])
+        self.paths = [self.folder / name for name in names]
+        self._shard_of = {i: k for k, members in enumerate(shards) for i in members}
+        self._shards = shards
+        self._next = 0
+        self._handle: Any = None
+        self.total_bytes = sum(_nbytes(d, s) for _, d, s in self._layout)
+
+    def _header(self, shard: int) -> bytes:
+        header: dict[str, Any] = {"__metadata__": self.metadata}
+        offset = 0
+        for i in self._shards[shard]:
+            name, dtype, shape = self._layout[i]
+            size = _nbytes(dtype, shape)
+            header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        return struct.pack("<Q", len(text)) + text
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor (moved to the CPU, made contiguous); flushes a full shard first."""
-        if name in self._buffer or any(name in names for _, names in self._shards):
-            raise CheckpointError(f"tensor {name!r} written twice")
-        size = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._buffer[name] = tensor.detach().to("cpu").contiguous()
-        self._buffer_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        path = self.folder / f".shard-{len(self._shards) + 1}.safetensors"
-        save_file(self._buffer, str(path), metadata=self.metadata)
-        self._shards.append((path, list(self._buffer)))
-        self._buffer, self._buffer_bytes = {}, 0
+        """Write the next tensor of the layout (it must match its name, dtype and shape)."""
+        if self._next >= len(self._layout):
+            raise CheckpointError(f"tensor {name!r} is not in the output layout (all {len(self._layout)} written)")
+        expected, dtype, shape = self._layout[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (expected, dtype, shape):
+            raise CheckpointError(f"expected tensor {expected!r} {dtype} {list(shape)} next, got {name!r} {tensor.dtype} "
+                                  f"{list(tensor.shape)}")
+        shard = self._shard_of[self._next]
+        if self._handle is None:
+            self._handle = open(self.paths[shard], "wb")  # noqa: SIM115 - closed when the shard is complete
+            self._handle.write(self._header(shard))
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            self._handle.write(memoryview(data.view(torch.uint8).numpy()))
+        self._next += 1
+        if self._next == len(self._layout) or self._shard_of[self._next] != shard:
+            self._handle.close()
+            self._handle = None
 
     def finish(self) -> list[Path]:
-        """Write the last shard, name the shards ``-of-n`` and write the index; returns the shard paths."""
-        if self._buffer or not self._shards:
-            self._flush()
-        count = len(self._shards)
-        if count == 1:
-            final = [self.folder / "model.safetensors"]
-        else:
-            final = [self.folder / f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-        weight_map = {}
-        for (path, names), target in zip(self._shards, final):
-            os.replace(path, target)
-            weight_map.update({name: target.name for name in names})
-        if count > 1:
+        """Check that every tensor was written and write the index (several shards); returns the shard paths."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        if self._next != len(self._layout):
+            raise CheckpointError(f"only {self._next} of {len(self._layout)} tensors were written")
+        if not self._layout:
+            (self.folder / "model.safetensors").write_bytes(self._header(0))
+        if len(self.paths) > 1:
+            weight_map = {self._layout[i][0]: self.paths[k].name for k, members in enumerate(self._shards) for i in members}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return final
+        return self.paths
+
+
+def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count * torch.empty((), dtype=dtype).element_size()
