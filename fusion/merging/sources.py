@@ -137,9 +137,13 @@ class TensorSource:
         if file.suffix not in _TORCH_SUFFIXES and not file.is_file():
             raise CheckpointError(f"{str(file)!r} is not a .safetensors file or torch checkpoint")
         try:
-            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+                obj = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
-            raise CheckpointError(f"cannot read checkpoint {str(file)!r}: {' '.join(str(exc).split())[:200]}") from exc
+            reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            raise CheckpointError(f"cannot read checkpoint {str(file)!r} ({reason})") from exc
         state = _unwrap(obj, file)
         self._torch_state = {**(self._torch_state or {}), **state}
         for name in state:
