@@ -7,6 +7,8 @@ shard size`` of RAM, not ``N * S``.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +28,26 @@ from .writer import ShardWriter, atomic_folder, parse_size
 __all__ = ["execute_tasks", "merge_yaml"]
 
 logger = logging.getLogger(__name__)
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap memory to the operating system (glibc only; a no-op elsewhere).
+
+    glibc serves allocations below its adaptive mmap threshold (up to 32 MB) from the heap and
+    keeps freed heap pages, so a long tensor-by-tensor merge would otherwise see its resident set
+    creep up to the sum of many tensors it no longer holds.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def _finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
@@ -54,14 +76,16 @@ def execute_tasks(tasks: Sequence[MergeTask], sources: Mapping[str, Source], met
         if not tensors[0].is_floating_point():
             merged = tensors[0]
         else:
-            common = tensors[0].dtype
-            for tensor in tensors[1:]:
-                common = torch.promote_types(common, tensor.dtype)
-            tensors = [tensor.to(common) for tensor in tensors]
+            common = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+            tensors = [t.to(common) for t in tensors]
             merged = method.kernel(MergeInputs(tensors, task.has_base, task.shared, task.per_input, generator))
             _finite(merged, f"the merged tensor {task.output!r} ({method.name})")
-        yield task.output, merged.to(out_dtype) if out_dtype is not None and merged.is_floating_point() else merged
-        del tensors, merged
+        del tensors
+        if out_dtype is not None and merged.is_floating_point():
+            merged = merged.to(out_dtype)
+        yield task.output, merged
+        del merged
+        _release_freed_memory()
 
 
 def _layout(tasks: Sequence[MergeTask], sources: Mapping[str, TensorSource], config: MergeConfig) -> list[tuple]:
