@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import MergeConfigError
-from .sparsify import keep_largest, keep_middle, keep_random
+from .sparsify import apply_mask, largest_mask, middle_mask, random_mask
 
 __all__ = ["METHODS", "MergeMethod", "ParameterSpec", "get_method"]
 
@@ -180,33 +180,34 @@ def _task_vector_kernel(consensus: bool, sparsify: str | None) -> Kernel:
         gammas = inputs.values("gamma") if sparsify == "middle" else [0.0] * len(others)
         deltas = base.new_empty((len(others), *base.shape))
         for i, (tensor, density, gamma) in enumerate(zip(others, densities, gammas)):
-            delta = tensor - base
+            delta = torch.sub(tensor, base, out=deltas[i])
             if sparsify == "largest":
-                delta = keep_largest(delta, density, shared["rescale"])
+                apply_mask(delta, largest_mask(delta, density), shared["rescale"])
             elif sparsify == "random":
-                delta = keep_random(delta, density, shared["rescale"], inputs.generator)
+                apply_mask(delta, random_mask(delta, density, inputs.generator), shared["rescale"])
             elif sparsify == "middle":
-                delta = keep_middle(delta, density, gamma, shared["rescale"])
-            deltas[i] = delta
-        weight = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).reshape(-1, *([1] * base.dim()))
-        deltas.mul_(weight)
+                apply_mask(delta, middle_mask(delta, density, gamma), shared["rescale"])
+        weight = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)
+        deltas.mul_(weight.reshape(-1, *([1] * base.dim())))
         if consensus:
             positive = deltas.sum(dim=0) >= 0  # the elected sign per entry (TIES' "sum" rule)
             mixed, divisor = torch.zeros_like(base), torch.zeros_like(base)
-            for i in range(len(others)):
+            for i in range(len(others)):  # in place: deltas are not needed afterwards
                 agrees = torch.where(positive, deltas[i] > 0, deltas[i] < 0)
-                mixed.add_(deltas[i] * agrees)
-                divisor.add_(weight[i] * agrees)
+                mixed.add_(deltas[i].mul_(agrees))
+                divisor.add_(agrees, alpha=weight[i].item())
             divisor[divisor == 0] = 1
         else:
             mixed = deltas.sum(dim=0)
-            divisor = weight.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
+            divisor = weight.sum()
+            if divisor.abs() < 1e-8:
+                divisor = torch.ones_like(divisor)
+        del deltas
         if shared["normalize"]:
             mixed /= divisor
         if shared["lambda"] != 1:
             mixed *= shared["lambda"]
-        return (base + mixed).to(base.dtype)
+        return mixed.add_(base).to(base.dtype)
 
     return kernel
 
