@@ -169,7 +169,14 @@ def model_stock(inputs: MergeInputs) -> torch.Tensor:
 
 def _task_vector_kernel(consensus: bool, sparsify: str | None) -> Kernel:
     """A kernel of the task-vector family: sparsify each task vector, weight it, optionally elect
-    a sign per entry (TIES' sum rule) and keep only agreeing entries, sum, normalise, scale."""
+    a sign per entry (TIES' sum rule) and keep only agreeing entries, sum, normalise, scale.
+
+    Task arithmetic (Ilharco et al. 2023, arXiv:2212.04089): no sparsification, no election. TIES
+    (Yadav et al. 2023, arXiv:2306.01708): keep the largest ``density``, elect signs. DARE (Yu et al.
+    2024, arXiv:2311.03099): drop at random, rescale; linear or with TIES' election. Model
+    Breadcrumbs (Davari & Belilovsky 2024, arXiv:2312.06795): drop the ``gamma`` largest and the
+    smallest entries.
+    """
 
     def kernel(inputs: MergeInputs) -> torch.Tensor:
         base, *others = inputs.tensors

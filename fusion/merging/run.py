@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..analysis.io import json_text
-from ..errors import CheckpointError, NonFiniteWeightsError
+from ..errors import CheckpointError, DeviceMismatchError, NonFiniteWeightsError
 from .config import MergeConfig, load_config
 from .methods import MergeInputs, MergeMethod
 from .plan import MergeTask, Source, plan_merge
@@ -103,6 +103,15 @@ def _layout(tasks: Sequence[MergeTask], sources: Mapping[str, TensorSource], con
     return layout
 
 
+def _check_device(device: str | torch.device) -> None:
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceMismatchError(f"unknown device {device!r}: {exc}") from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceMismatchError(f"device {device!r} was asked for but CUDA is not available")
+
+
 def _resolve_model(name: str, config_dir: Path | None) -> Path:
     for candidate in (Path(name), *([config_dir / name] if config_dir else [])):
         if candidate.exists():
@@ -144,6 +153,7 @@ def merge_yaml(config: str | os.PathLike | MergeConfig, out_path: str | os.PathL
     Returns:
         The output folder.
     """
+    _check_device(device)
     config_dir = None
     if not isinstance(config, MergeConfig):
         config_dir = Path(config).resolve().parent
