@@ -144,8 +144,8 @@ def merge_yaml(config: str | os.PathLike | MergeConfig, out_path: str | os.PathL
         config: the path of a YAML file (relative model paths are tried from the working folder,
             then from the file's folder) or a parsed :class:`MergeConfig`.
         out_path: the output folder.
-        device: where tensors are merged (``"cuda"`` to merge on the GPU; inputs are read from
-            the memory-mapped files straight to it).
+        device: where tensors are merged (``"cuda"`` to merge on the GPU; each input tensor is
+            read from its file and moved there, the result is moved back to be written).
         max_shard_size: the largest output shard (``"5GB"``, ``"500MB"`` or bytes).
         seed: seed of random sparsification (DARE).
         progress: show a progress bar.
@@ -160,10 +160,12 @@ def merge_yaml(config: str | os.PathLike | MergeConfig, out_path: str | os.PathL
         config = load_config(config)
     shard_bytes = parse_size(max_shard_size)
     paths = {name: _resolve_model(name, config_dir) for name in config.referenced_models()}
-    sources = {name: TensorSource(path) for name, path in paths.items()}
+    sources: dict[str, TensorSource] = {}
     for note in config.notes:
         logger.warning("%s", note)
     try:
+        for name, path in paths.items():
+            sources[name] = TensorSource(path)
         tasks, out_layers = plan_merge(config, sources)
         first = config.base_model or config.referenced_models()[0]
         with atomic_folder(out_path) as tmp:
@@ -172,7 +174,7 @@ def merge_yaml(config: str | os.PathLike | MergeConfig, out_path: str | os.PathL
                                               out_dtype=config.out_dtype, seed=seed, progress=progress):
                 writer.add(name, tensor)
             writer.finish()
-            model_config = sources[first].config if isinstance(sources[first], TensorSource) else None
+            model_config = sources[first].config
             if model_config is not None:
                 model_config = dict(model_config)
                 if out_layers is not None:
