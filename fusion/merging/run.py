@@ -51,8 +51,12 @@ _MALLOC_TRIM = None
 
 
 def _finite(tensor: torch.Tensor, what: str) -> torch.Tensor:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise NonFiniteWeightsError(f"{what} holds NaN or infinite values")
+    """``tensor``, checked to hold no NaN/inf (one fused min/max pass, which NaN propagates through;
+    an order of magnitude faster than ``isfinite(...).all()`` on the CPU)."""
+    if tensor.is_floating_point() and tensor.numel():
+        low, high = torch.aminmax(tensor)
+        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+            raise NonFiniteWeightsError(f"{what} holds NaN or infinite values")
     return tensor
 
 
