@@ -15,10 +15,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..analysis.io import json_text
 from ..errors import CheckpointError, DeviceMismatchError, NonFiniteWeightsError
+from ..progress import tqdm
 from .config import MergeConfig, load_config
 from .methods import MergeInputs, MergeMethod
 from .plan import MergeTask, Source, plan_merge
