@@ -7,7 +7,6 @@ import argparse
 import time
 
 from .options import _positive_int
-from .session import _echo
 
 
 def add_merge_yaml(commands: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
@@ -31,6 +30,7 @@ def add_merge_yaml(commands: argparse._SubParsersAction, formatter: type[argpars
 
 def _cmd_merge_yaml(args: argparse.Namespace) -> int:
     from ..merging import load_config, merge_yaml  # imported when the command runs: --help stays fast
+    from .session import _echo
 
     start = time.perf_counter()
     config = load_config(args.merge_config)
