@@ -5,10 +5,10 @@
 # under a second). Never fails CI: if the install is impossible (no registry, a dependency
 # conflict), it says so and exits 0, and the parity tests skip with that reason.
 #
-#   MERGEKIT_VENV   where the venv lives (default /work/venvs/mergekit)
+#   MERGEKIT_VENV   where the venv lives (default $HOME/.cache/fusion/mergekit-venv)
 #   MERGEKIT_SPEC   what pip installs (default mergekit)
 set -uo pipefail
-venv="${MERGEKIT_VENV:-/work/venvs/mergekit}"
+venv="${MERGEKIT_VENV:-$HOME/.cache/fusion/mergekit-venv}"
 spec="${MERGEKIT_SPEC:-mergekit}"
 
 if [ -x "$venv/bin/mergekit-yaml" ] && "$venv/bin/python" -c "import mergekit" 2>/dev/null; then

@@ -1,7 +1,7 @@
 """``fusion merge-yaml`` gives mergekit-yaml's tensors on the same YAML (float32, max abs diff <= 1e-6).
 
 mergekit is found through ``FUSION_MERGEKIT_YAML``, then ``PATH``, then the virtualenv that
-``.ci/install_mergekit.sh`` creates (``/work/venvs/mergekit``); without it these tests skip. All
+``.ci/install_mergekit.sh`` creates (``~/.cache/fusion/mergekit-venv``); without it these tests skip. All
 configs run in one mergekit process (the interpreter of the ``mergekit-yaml`` script), which saves
 its ~10 s start-up per method.
 """
@@ -23,7 +23,7 @@ from fusion.merging.synthetic import write_llama_family
 
 pytestmark = pytest.mark.slow
 
-DEFAULT_VENV = Path(os.environ.get("MERGEKIT_VENV", "/work/venvs/mergekit"))
+DEFAULT_VENV = Path(os.environ.get("MERGEKIT_VENV", "~/.cache/fusion/mergekit-venv")).expanduser()
 TOL = 1e-6
 
 
