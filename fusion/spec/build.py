@@ -16,7 +16,7 @@ from .attention import _attention_groups
 from .draft import _draft_group, _first_in_module_order, _groups_from_draft, _Unsupported
 from .graph import _build_graph, _canonical_names, _resolve_ignored
 from .records import PermutationGroup, PermutationSpec, SkippedGroup
-from .verify import _Verifier
+from .verify import verify_groups
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ def permutation_spec(
     """Derive the permutation symmetries of ``model`` from torch-pruning's dependency graph.
 
     Args:
-        model: any module torch-pruning can trace. It is not modified (the graph is built on a
-            deep copy, so not even its train/eval mode changes).
+        model: any module torch-pruning can trace. Its weights and buffers are not modified; it is
+            traced in eval mode (each submodule's mode is restored) and verified on a deep copy.
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs that
             the model accepts, e.g. ``torch.randn(1, 3, 64, 64)``.
         ignored_layers: module names (or modules) whose output units must stay in place.
@@ -43,10 +43,14 @@ def permutation_spec(
             non-singleton axis (torch-pruning's guess).
         attention_heads: also add per-head groups for ``nn.MultiheadAttention`` (q/k dims, v dims,
             whole heads).
-        verify: check every group on the model itself: a random permutation must leave the
-            output on ``example_inputs`` unchanged (relative difference <= 1e-4 in float32);
-            failing groups are found by bisection and moved to :attr:`PermutationSpec.skipped`.
-        seed: seed of the verification permutations.
+        verify: check every group structurally (:mod:`fusion.spec.verify`): on a float64 deep copy
+            of the model with every parameter and normalisation statistic re-drawn at O(1) scale, a
+            random permutation must leave the output on ``example_inputs`` and on a fresh random
+            input of the same structure unchanged (relative difference <= 1e-9). Failing groups are
+            found by bisection and moved to :attr:`PermutationSpec.skipped` (kind ``"verification"``,
+            or ``"unmoved tensor"`` naming a tensor the forward reads along the units that no rule
+            moves). ``verify=False`` returns the graph's groups unchecked.
+        seed: seed of the re-drawn weights, the fresh input and the verification permutations.
 
     Returns:
         The :class:`PermutationSpec`, reusable for every model of this architecture.
@@ -106,29 +110,29 @@ def _build_spec(
         except _Unsupported as exc:
             root = tp_group[0].dep.target
             name = graph._module2name.get(root.module, graph._param_to_name.get(root.module, str(root)))
-            skipped.append(SkippedGroup(name, len(tp_group[0].idxs), str(exc)))
+            skipped.append(SkippedGroup(name, len(tp_group[0].idxs), str(exc), "unsupported"))
             continue
         if not draft.entries:
             continue
         name = _first_in_module_order([n for n, _ in draft.producers] or [e.key for e in draft.entries], order)
         if draft.out_modules & ignored_names:
-            skipped.append(SkippedGroup(name, draft.size, "ignored by the caller (ignored_layers)"))
+            skipped.append(SkippedGroup(name, draft.size, "ignored by the caller (ignored_layers)", "ignored"))
         elif draft.reaches_output:
-            skipped.append(SkippedGroup(name, draft.size, "its units are the model's output"))
+            skipped.append(SkippedGroup(name, draft.size, "its units are the model's output", "output"))
         elif not draft.consumers:
-            skipped.append(SkippedGroup(name, draft.size, "no layer reads these units"))
+            skipped.append(SkippedGroup(name, draft.size, "no layer reads these units", "unread"))
         else:
             try:
                 groups.extend(_groups_from_draft(draft, order))
             except _Unsupported as exc:
-                skipped.append(SkippedGroup(name, draft.size, str(exc)))
+                skipped.append(SkippedGroup(name, draft.size, str(exc), "unsupported"))
 
     if attention_heads:
         for name, module in work.named_modules():
             if isinstance(module, nn.MultiheadAttention) and module in graph.module2node:
                 groups.extend(_attention_groups(name, module, canonical))
             elif isinstance(module, nn.MultiheadAttention):
-                skipped.append(SkippedGroup(name, module.num_heads, "attention layer was not traced"))
+                skipped.append(SkippedGroup(name, module.num_heads, "attention layer was not traced", "unsupported"))
 
     names = defaultdict(int)
     for g in groups:
@@ -140,16 +144,9 @@ def _build_spec(
     groups.sort(key=lambda g: (order.get(g.name.split("[")[0] if g.kind == "channels" else g.producers[0], len(order)),
                                rank[g.kind], g.name))
 
-    if verify and groups:
-        failing = _Verifier(work, example_inputs, seed).failing(groups)
-        if failing:
-            log.warning("refusing %d permutation group(s) that change the output: %s", len(failing), sorted(failing))
-        skipped.extend(
-            SkippedGroup(g.name, g.size, f"a random permutation changed the output (relative difference "
-                         f"{failing[g.name]:.2e}); the dependency graph is unsure here")
-            for g in groups if g.name in failing
-        )
-        groups = [g for g in groups if g.name not in failing]
+    if verify:
+        groups, refused = verify_groups(work, example_inputs, groups, seed)
+        skipped.extend(refused)
 
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return PermutationSpec(tuple(groups), tuple(skipped), shapes, type(model).__name__)
