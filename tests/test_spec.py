@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -344,3 +347,95 @@ def test_integer_inputs_are_redrawn_within_their_range_and_masks_kept():
     assert not torch.equal(new["input_ids"], tokens)
     assert torch.equal(new["attention_mask"], mask)
     assert new["x"].dtype == torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# Nothing escapes: bad index mappings, third-party exceptions, hangs
+# --------------------------------------------------------------------------------------------
+
+
+class TinyMixer(nn.Module):
+    """MLP-Mixer block: a token-mixing linear that torch-pruning maps as if it read channels."""
+
+    def __init__(self, c=8, tokens=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 2, stride=2)
+        self.norm = nn.LayerNorm(c)
+        self.tokens, self.channels, self.head = nn.Linear(tokens, tokens), nn.Linear(c, c), nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        x = x + self.tokens(self.norm(x).transpose(1, 2)).transpose(1, 2)
+        return self.head((x + self.channels(self.norm(x))).mean(1))
+
+
+class Slow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        time.sleep(5)  # interrupted by the time guard
+        return self.fc(x)
+
+
+def test_out_of_range_mapping_is_refused_as_unmapped_not_raised():
+    spec = fusion.permutation_spec(TinyMixer().eval(), torch.randn(2, 3, 4, 4))
+    stem = next(s for s in spec.skipped if s.name == "stem")
+    assert stem.kind == "unmapped" and "tokens.weight" in stem.reason and "out of range" in stem.reason
+
+
+def test_indices_are_checked_against_shapes_and_overlaps():
+    from fusion.spec.build import _check_indices
+
+    shapes = {"a.weight": (4, 3), "b.weight": (2, 4)}
+    ok = fusion.PermutationGroup("ok", 2, (fusion.AxisMember("a.weight", 0, torch.tensor([[0], [1]])),))
+    clash = fusion.PermutationGroup("clash", 2, (fusion.AxisMember("a.weight", 0, torch.tensor([[1], [2]])),))
+    outside = fusion.PermutationGroup("outside", 2, (fusion.AxisMember("b.weight", 1, torch.tensor([[3], [4]])),))
+    repeated = fusion.PermutationGroup("repeated", 2, (fusion.AxisMember("b.weight", 1, torch.tensor([[0], [0]])),))
+    unknown = fusion.PermutationGroup("unknown", 2, (fusion.AxisMember("c.weight", 0, torch.tensor([[0], [1]])),))
+    accepted, refused = _check_indices([ok, clash, outside, repeated, unknown], shapes)
+    assert [g.name for g in accepted] == ["ok"]
+    assert {s.name: s.kind for s in refused} == dict.fromkeys(["clash", "outside", "repeated", "unknown"], "unmapped")
+
+
+def test_exception_inside_one_group_refuses_that_group(monkeypatch):
+    def broken(*args, **kwargs):
+        raise IndexError("index 9 is out of bounds for dimension 0 with size 9")
+
+    monkeypatch.setattr("fusion.spec.build._groups_from_draft", broken)
+    spec = fusion.permutation_spec(*build("mlp"))
+    assert not spec.groups
+    assert {s.kind for s in spec.skipped} == {"output", "unmapped"}
+    assert any("IndexError" in s.reason for s in spec.skipped)
+
+
+def test_exception_outside_any_group_is_a_trace_error(monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("third-party bug")
+
+    monkeypatch.setattr("fusion.spec.build._unique_names", broken)
+    with pytest.raises(TraceError, match="KeyError"):
+        fusion.permutation_spec(*build("mlp"))
+
+
+def test_tracing_past_the_timeout_is_a_trace_error_naming_the_stage_and_leaves_no_hooks():
+    model = Slow()
+    x = torch.randn(2, 4)
+    with pytest.raises(TraceError, match="tracing Slow .*time budget"):
+        fusion.permutation_spec(model, x, timeout=0.01)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_timeout_must_be_positive():
+    with pytest.raises(PermutationError, match="timeout"):
+        fusion.permutation_spec(*build("mlp"), timeout=0)
+
+
+def test_model_that_cannot_be_copied_has_every_group_refused_with_a_reason():
+    model, x = build("mlp")
+    model.lock = threading.Lock()  # deepcopy cannot copy a lock
+    spec = fusion.permutation_spec(model, x)
+    assert not spec.groups and {s.kind for s in spec.skipped} == {"output", "trace"}
+    assert any("deep-copy" in s.reason for s in spec.skipped)
+    assert fusion.permutation_spec(model, x, verify=False).groups

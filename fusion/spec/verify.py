@@ -147,11 +147,13 @@ def structural_copy(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.
         TraceError: the model cannot be deep-copied.
     """
     try:
-        work = copy.deepcopy(model)
-    except Exception as exc:  # arbitrary user modules: hooks, locks, generators
+        work = copy.deepcopy(model, _detached_memo(model))
+    except Exception as exc:  # arbitrary user modules: locks, generators, open files
         raise TraceError(f"cannot deep-copy {type(model).__name__} for structural verification: "
                          f"{type(exc).__name__}: {exc}") from exc
-    work = work.to(dtype).eval()
+    # train() then eval(): modules that cache derived tensors in eval mode (LeViT's attention biases)
+    # drop their caches when switched to training, so the copy computes from its re-drawn parameters.
+    work = work.to(dtype).train().eval()
     generator = torch.Generator().manual_seed(seed)
     seen: set[int] = set()
     with torch.no_grad():
@@ -165,6 +167,29 @@ def structural_copy(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.
                 seen.add(id(tensor))
                 tensor.copy_(_redraw(module, local, tensor, is_buffer, generator).to(tensor.device, tensor.dtype))
     return work
+
+
+def _detached_memo(model: nn.Module) -> dict[int, Any]:
+    """A deepcopy memo mapping every non-leaf tensor cached in a module attribute (which deepcopy
+    refuses) to a detached clone."""
+    memo: dict[int, Any] = {}
+
+    def visit(value: Any, depth: int = 0) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.grad_fn is not None and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+        elif depth < 3 and isinstance(value, dict):
+            for v in value.values():
+                visit(v, depth + 1)
+        elif depth < 3 and isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v, depth + 1)
+
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                visit(value)
+    return memo
 
 
 def _is_mask(key: str) -> bool:
