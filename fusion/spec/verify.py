@@ -104,32 +104,35 @@ def _fan_in(module: nn.Module, tensor: torch.Tensor) -> int:
 
 
 def _redraw(module: nn.Module, local: str, tensor: torch.Tensor, is_buffer: bool, generator: torch.Generator) -> torch.Tensor:
-    """An O(1) random value of the same shape for one parameter or persistent buffer (CPU, float64)."""
+    """An O(1) random value of the same shape for one parameter or persistent buffer (on the CPU).
+
+    Random numbers are drawn in float32 (4x faster than float64 on the CPU); the copy computes in
+    its own dtype, so only the arithmetic, not the draw, needs float64.
+    """
     shape = tensor.shape
 
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
+    def normal(std: float = 1.0) -> torch.Tensor:
+        return torch.randn(shape, generator=generator).mul_(std)
 
-    def signs() -> torch.Tensor:
-        return torch.randint(0, 2, shape, generator=generator).double() * 2 - 1
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(shape, generator=generator).mul_(high - low).add_(low)
 
     if is_buffer:
         if local == "running_var":
             return uniform(0.5, 2.0)
         if local == "running_mean":
-            return 0.5 * torch.randn(shape, generator=generator, dtype=torch.float64)
+            return normal(0.5)
         # Unknown buffers (masks, constants): a per-element positive factor keeps signs, zeros and infinities.
-        return tensor.detach().cpu().double() * uniform(0.5, 1.5)
+        return tensor.detach().cpu() * uniform(0.5, 1.5).to(tensor.dtype)
     if tensor.dim() <= 1:
-        if any(word in local.lower() for word in _BIAS_WORDS):
-            return signs() * uniform(0.2, 1.0)  # biases and shifts: O(1), clearly away from 0
+        if any(word in local.lower() for word in _BIAS_WORDS):  # biases and shifts: O(1), clearly away from 0
+            return uniform(0.2, 1.0).mul_(torch.randint(0, 2, shape, generator=generator).mul_(2).sub_(1))
         return uniform(0.5, 1.5)  # norm scales, gains, layer scales: positive, clearly away from 1
-    if isinstance(module, nn.Embedding):
-        return torch.randn(shape, generator=generator, dtype=torch.float64)
-    if "weight" in local:  # Linear, conv, attention projections, recurrent weights, custom linears
-        return torch.randn(shape, generator=generator, dtype=torch.float64) / math.sqrt(_fan_in(module, tensor))
-    # tokens, positional embeddings, relative-position tables, per-channel gains of any shape
-    return torch.randn(shape, generator=generator, dtype=torch.float64)
+    if "weight" in local and not isinstance(module, nn.Embedding):
+        # Linear, conv, attention projections, recurrent weights, custom linears
+        return normal(1 / math.sqrt(_fan_in(module, tensor)))
+    # embeddings, tokens, positional embeddings, relative-position tables, per-channel gains of any shape
+    return normal()
 
 
 def structural_copy(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -142,12 +145,13 @@ def structural_copy(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.
     running means ``N(0, 0.25)``, running variances uniform in [0.5, 2]; other persistent floating
     buffers are multiplied elementwise by a factor in [0.5, 1.5] (masks keep their zeros and
     infinities). Non-persistent buffers (rotary frequencies, causal masks) keep their values.
+    Parameters are never copied, only allocated in ``dtype`` and filled.
 
     Raises:
         TraceError: the model cannot be deep-copied.
     """
     try:
-        work = copy.deepcopy(model, _detached_memo(model))
+        work = copy.deepcopy(model, _copy_memo(model, dtype))
     except Exception as exc:  # arbitrary user modules: locks, generators, open files
         raise TraceError(f"cannot deep-copy {type(model).__name__} for structural verification: "
                          f"{type(exc).__name__}: {exc}") from exc
@@ -165,14 +169,21 @@ def structural_copy(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.
                 if tensor is None or not tensor.is_floating_point() or id(tensor) in seen:
                     continue
                 seen.add(id(tensor))
-                tensor.copy_(_redraw(module, local, tensor, is_buffer, generator).to(tensor.device, tensor.dtype))
+                tensor.copy_(_redraw(module, local, tensor, is_buffer, generator))
     return work
 
 
-def _detached_memo(model: nn.Module) -> dict[int, Any]:
-    """A deepcopy memo mapping every non-leaf tensor cached in a module attribute (which deepcopy
-    refuses) to a detached clone."""
+def _copy_memo(model: nn.Module, dtype: torch.dtype) -> dict[int, Any]:
+    """A deepcopy memo that allocates floating parameters in ``dtype`` without copying their values (they
+    are re-drawn), casts floating buffers, and maps every non-leaf tensor cached in a module attribute
+    (which deepcopy refuses) to a detached clone."""
     memo: dict[int, Any] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=p.device), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        if b.is_floating_point():
+            memo[id(b)] = b.detach().to(dtype, copy=True)
 
     def visit(value: Any, depth: int = 0) -> None:
         if isinstance(value, torch.Tensor):
@@ -330,7 +341,7 @@ class StructuralVerifier:
         """
         failing = self._bisect(list(groups), None)
         accepted = [g for g in groups if g.name not in failing]
-        if self.passes(accepted):
+        if not failing or self.passes(accepted):
             return failing
         kept: list[PermutationGroup] = []
         for group in accepted:
