@@ -439,3 +439,21 @@ def test_model_that_cannot_be_copied_has_every_group_refused_with_a_reason():
     assert not spec.groups and {s.kind for s in spec.skipped} == {"output", "trace"}
     assert any("deep-copy" in s.reason for s in spec.skipped)
     assert fusion.permutation_spec(model, x, verify=False).groups
+
+
+class Float32Only(nn.Module):
+    """Casts its input to float32 itself, so its copy cannot run in float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = MLP()
+
+    def forward(self, x):
+        return self.mlp(x.to(torch.float32))
+
+
+def test_model_that_cannot_run_in_float64_is_verified_in_its_own_dtype(caplog):
+    model, x = Float32Only().eval(), torch.randn(3, 8)
+    spec = fusion.permutation_spec(model, x)
+    assert [g.size for g in spec.groups] == [16, 12]
+    assert "verifying in torch.float32" in caplog.text
