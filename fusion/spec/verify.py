@@ -41,6 +41,7 @@ __all__ = [
     "FALLBACK_TOLERANCE",
     "STRUCTURAL_TOLERANCE",
     "fresh_inputs",
+    "moving_permutation",
     "relative_difference",
     "structural_copy",
     "structural_difference",
@@ -316,9 +317,9 @@ class StructuralVerifier:
     def difference(self, groups: Sequence[PermutationGroup], perms: dict[str, torch.Tensor] | None = None) -> float:
         """Largest relative output change over both inputs when ``groups`` are permuted by ``perms``
         (default: random, from the verifier's seed)."""
-        from ..permute import permute_state_dict, random_permutation
+        from ..permute import permute_state_dict
 
-        perms = perms if perms is not None else random_permutation(groups, seed=self.seed)
+        perms = perms if perms is not None else moving_permutation(groups, seed=self.seed)
         worst = 0.0
         try:
             new_state = permute_state_dict(self.state, groups, perms)
@@ -379,6 +380,20 @@ class StructuralVerifier:
             if self.passes([extended]):
                 return name, axis
         return None
+
+
+def moving_permutation(groups: Sequence[PermutationGroup], seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random permutation of every group that moves every unit: a uniformly random cycle through all
+    of the group's units. A uniformly random permutation of a small group is often the identity (1 in
+    2 for two units) or leaves units in place, which would hide a wrong coupling of those units."""
+    generator = torch.Generator().manual_seed(seed)
+    perms = {}
+    for group in groups:
+        order = torch.randperm(group.size, generator=generator)
+        perm = torch.empty_like(order)
+        perm[order] = order.roll(1)  # order[i] receives the unit order[i - 1]
+        perms[group.name] = perm
+    return perms
 
 
 def _unmoved_candidates(group: PermutationGroup, shapes: dict[str, tuple[int, ...]], moved: set[tuple[str, int]]
@@ -453,7 +468,7 @@ def structural_difference(
         spec_or_groups: a :class:`~fusion.PermutationSpec` or an iterable of :class:`PermutationGroup`.
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs.
         perms: group name -> permutation; groups not listed stay in place. Default: a random
-            permutation of every group.
+            permutation of every group that moves every unit (:func:`moving_permutation`).
         seed: seed of the re-drawn weights, the fresh input and the default permutations.
 
     Returns:
