@@ -47,7 +47,8 @@ _EXPORTS = {
         "permute", "permute_layer", "permute_state_dict", "random_permutation", "swap_neurons", "verify_equivalence",
     ),
     ".merging": ("merge_task_vectors", "merge_yaml"),
-    ".spec": ("AxisMember", "PermutationGroup", "PermutationSpec", "SkippedGroup", "permutation_spec"),
+    ".spec": ("AxisMember", "PermutationGroup", "PermutationSpec", "SkippedGroup", "permutation_spec",
+              "structural_difference"),
 }
 _SUBMODULES = ("analysis", "checkpoint", "data", "errors", "layers", "merging", "models", "neuronswap", "tracking")
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES)
@@ -83,6 +84,7 @@ __all__ = [
     "compose_permutations",
     "check_permutations",
     "verify_equivalence",
+    "structural_difference",
     "Coverage",
     "permutation_coverage",
     # alignment
