@@ -46,9 +46,9 @@ GOAL_RATIO = 2.0
 MIN_SECONDS, MAX_RUNS = 0.5, 20
 
 #: Cumulative costs shown in the profile breakdown (phases of ``permutation_spec``).
-PHASES = ("permutation_spec", "copy.py:deepcopy", "_build_graph", "build_dependency", "get_all_groups",
-          "_draft_group", "_groups_from_draft", "_attention_groups", "fusion/spec.py:__init__", "failing", "_forward",
-          "permute_state_dict", "module.py:state_dict")
+PHASES = ("permutation_spec", "_build_graph", "build_dependency", "_all_groups", "get_all_groups", "_draft_group",
+          "_groups_from_draft", "_attention_groups", "_check_indices", "verify_groups", "structural_copy", "_redraw",
+          "difference", "_forward", "permute_state_dict", "module.py:state_dict")
 
 
 def _vit() -> nn.Module:

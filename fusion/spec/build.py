@@ -189,7 +189,7 @@ def _refusal(name: str, size: int, exc: Exception) -> SkippedGroup:
     if isinstance(exc, _Unsupported):
         return SkippedGroup(name, size, str(exc), "unsupported")
     log.debug("group %s refused: %s: %s", name, type(exc).__name__, exc)
-    return SkippedGroup(name, size, f"torch-pruning's index mapping could not be read ({type(exc).__name__}: {exc})",
+    return SkippedGroup(name, size, f"the units' index mapping could not be built ({type(exc).__name__}: {exc})",
                         "unmapped")
 
 
