@@ -10,7 +10,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..checks import describe_shapes, eval_mode, run_model
+from ..checks import describe_shapes, eval_mode, main_output, run_model
 from ..errors import PermutationError, TraceError
 
 
@@ -42,8 +42,11 @@ def _build_graph(work: nn.Module, example_inputs: Any, unwrapped: Any) -> tp.Dep
     try:
         with warnings.catch_warnings(), torch.enable_grad():
             warnings.simplefilter("ignore")
+            # traced on the main output only (logits / last hidden state): caches and auxiliary
+            # outputs of ModelOutputs are not the model's output units
             return tp.DependencyGraph().build_dependency(
-                work, example_inputs, verbose=False, unwrapped_parameters=unwrapped
+                work, example_inputs, forward_fn=run_model, output_transform=main_output, verbose=False,
+                unwrapped_parameters=unwrapped,
             )
     except Exception as exc:  # torch-pruning raises plain exceptions of many kinds
         with torch.no_grad(), eval_mode(work):

@@ -8,26 +8,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import main_output, split_inputs
 from .records import PermutationGroup
 
 
-def _output_tensors(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out] if out.is_floating_point() or out.is_complex() else []
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _output_tensors(o)]
-    return []
-
-
 def relative_difference(out_a: Any, out_b: Any) -> float:
-    """max |a - b| / max |a| over all floating tensors of two (nested) model outputs."""
-    tensors_a, tensors_b = _output_tensors(out_a), _output_tensors(out_b)
-    if len(tensors_a) != len(tensors_b) or not tensors_a:
-        raise ValueError("the two outputs do not have the same structure of floating tensors")
-    diff = max(float((a.double() - b.double()).abs().max()) for a, b in zip(tensors_a, tensors_b))
-    scale = max(float(a.double().abs().max()) for a in tensors_a)
+    """max |a - b| / max |a| between the main tensors of two model outputs.
+
+    Outputs may be tensors, tuples, mappings or Hugging Face ``ModelOutput``s; both are compared
+    on :func:`fusion.checks.main_output` (logits, else the last hidden state, else the first
+    floating tensor), so caches and auxiliary tensors are not compared.
+    """
+    a, b = main_output(out_a).double(), main_output(out_b).double()
+    if a.shape != b.shape:
+        raise ValueError(f"the two outputs have main tensors of different shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.numel() == 0:
+        return 0.0
+    diff = float((a - b).abs().max())
+    scale = float(a.abs().max())
     return diff / scale if scale > 0 else diff
 
 
@@ -58,8 +56,8 @@ class _Verifier:
 
     def _forward(self, tensors: dict[str, torch.Tensor]) -> Any:
         with torch.no_grad():
-            return torch.func.functional_call(self.model, tensors, _as_args(self.inputs), _as_kwargs(self.inputs),
-                                              strict=False)
+            args, kwargs = split_inputs(self.inputs)
+            return main_output(torch.func.functional_call(self.model, tensors, args, kwargs, strict=False))
 
     def difference(self, groups: Sequence[PermutationGroup]) -> float:
         perms = self._random_permutation(groups, seed=self.seed)
@@ -78,14 +76,3 @@ class _Verifier:
             return {groups[0].name: diff}
         half = len(groups) // 2
         return {**self.failing(groups[:half]), **self.failing(groups[half:])}
-
-
-def _as_args(inputs: Any) -> tuple:
-    if isinstance(inputs, dict):
-        return ()
-    return tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
-
-
-def _as_kwargs(inputs: Any) -> dict:
-    return dict(inputs) if isinstance(inputs, dict) else {}
-
