@@ -18,7 +18,8 @@ The construction is generic, driven by the spec rather than by walking layers:
    member ``k`` lives in the wide model: unit ``k * size + u`` of the wide group, column ``k`` of a
    grouped convolution's lock-step units, or the ``k``-th copy of a per-conv-group/per-head group;
 3. every member's tensors are copied to those positions; tensors without grouped axes are
-   averaged; LayerNorms over a widened axis become :class:`~fusion.fuse.layers.BlockLayerNorm`.
+   averaged; LayerNorms over a widened axis become :class:`~fusion.fuse.layers.BlockLayerNorm` (RMSNorms
+   and other channel norms a :class:`~fusion.fuse.layers.BlockNorm`).
 
 Whatever cannot be concatenated exactly (units outside every permutation group, a tied
 input/output embedding, ...) raises :class:`ConcatError` naming the layer, and the result is checked
@@ -45,7 +46,7 @@ from torch.nn.modules.conv import _ConvNd
 from ..checks import check_models, check_weights, eval_mode, model_device, move_inputs, run_model
 from ..errors import ConcatError, EnsembleError, FusionError
 from ..spec import PermutationGroup, PermutationSpec, permutation_spec, relative_difference
-from .layers import BlockLayerNorm, owner_of, resize_tensors, set_submodule
+from .layers import BlockLayerNorm, BlockNorm, is_channel_norm, owner_of, resize_tensors, set_submodule
 
 __all__ = ["ConcatError", "Concatenation", "GroupLink", "block_index", "build_concatenation", "check_members",
            "concat_models", "read_block"]
@@ -581,24 +582,36 @@ def _use_block_layer_norms(
     member_modules = dict(member.named_modules())
     replaced = {}
     for name, module in list(wide.named_modules()):
-        if not isinstance(module, nn.LayerNorm) or isinstance(module, BlockLayerNorm):
+        if isinstance(module, (BlockLayerNorm, BlockNorm)) or not (isinstance(module, nn.LayerNorm)
+                                                                   or is_channel_norm(module)):
             continue
         original = member_modules[name]
+        if not isinstance(module, nn.LayerNorm):  # RMSNorm and other channel norms: a generic block norm
+            if module.weight.shape != original.weight.shape:
+                _check_contiguous(maps, name)
+                count = module.weight.shape[0] // original.weight.shape[0]
+                set_submodule(wide, name, BlockNorm(original, module.weight, getattr(module, "bias", None), count))
+                replaced[name] = original
+            continue
         if tuple(module.normalized_shape) == tuple(original.normalized_shape):
             continue
         if len(original.normalized_shape) != 1:
             raise ConcatError(f"LayerNorm {name!r} normalises over {tuple(original.normalized_shape)}; only "
                               f"LayerNorms over one axis can be concatenated")
         block = original.normalized_shape[0]
-        table = maps.get((f"{name}.weight", 0))
-        if table is not None:
-            expected = torch.arange(table.numel()).view(table.shape)
-            if not torch.equal(table.sort(dim=1).values, expected):
-                raise ConcatError(f"LayerNorm {name!r}: the members' features are not contiguous slices of the "
-                                  f"concatenated axis, so they cannot be normalised separately")
+        _check_contiguous(maps, name)
         set_submodule(wide, name, BlockLayerNorm.from_layer_norm(module, block))
         replaced[name] = original
     return replaced
+
+
+def _check_contiguous(maps: dict[tuple[str, int], torch.Tensor], name: str) -> None:
+    table = maps.get((f"{name}.weight", 0))
+    if table is not None:
+        expected = torch.arange(table.numel()).view(table.shape)
+        if not torch.equal(table.sort(dim=1).values, expected):
+            raise ConcatError(f"norm {name!r}: the members' features are not contiguous slices of the "
+                              f"concatenated axis, so they cannot be normalised separately")
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ from .concat import (
     probe_forward,
     read_block,
 )
-from .layers import resize_tensors, set_submodule
+from .layers import resize_tensors, restore_norm, set_submodule
 
 __all__ = ["SCHEDULES", "fuse_ensemble", "fuse_hierarchical", "fuse_iterative"]
 
@@ -504,11 +504,7 @@ def _prune_to_members(concat: Concatenation, inputs: Any, scorer: _Scorer, progr
     """Prune the concatenated model back to the members' architecture (in place) and return it."""
     model = concat.model
     for name, original in concat.layer_norms.items():  # the members' LayerNorms, at the wide width
-        block = model.get_submodule(name)
-        norm = copy.deepcopy(original)
-        norm.weight, norm.bias, norm.normalized_shape = block.weight, block.bias, block.normalized_shape
-        norm.train(block.training)
-        set_submodule(model, name, norm)
+        set_submodule(model, name, restore_norm(original, model.get_submodule(name)))
     pruner = _Pruner(concat, inputs, scorer)
     keep = pruner.select()
     links = {link.group.name: link for link in concat.links}
