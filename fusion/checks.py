@@ -7,8 +7,8 @@ Model I/O: ``example_inputs`` (and data batches) may be a tensor, a tuple/list o
 inputs, or a mapping of keyword inputs (a ``dict`` or a tokenizer's ``BatchEncoding``);
 :func:`split_inputs` turns any of them into ``(args, kwargs)``. A model's output may be a tensor,
 a tuple, a mapping or a Hugging Face ``ModelOutput`` (possibly holding a cache); every comparison
-reads :func:`main_output`, its one main tensor (``logits``, else ``last_hidden_state``, else the
-first floating tensor).
+reads :func:`main_output`, its one main tensor (``logits``, else the first floating tensor, which
+is ``last_hidden_state`` for a base model).
 """
 
 from __future__ import annotations
@@ -163,18 +163,21 @@ def check_models(
     return device
 
 
-def move_inputs(inputs: Any, device: torch.device | str) -> Any:
+def move_inputs(inputs: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
     """Move a tensor, or tensors nested in tuples/lists/mappings, to ``device``.
 
     Mappings (``dict``, ``BatchEncoding``, any ``Mapping``) come back as plain ``dict``s; values
-    that are not tensors (flags, ``None``) are kept as they are.
+    that are not tensors (flags, ``None``) are kept as they are. With ``dtype``, floating tensors
+    are also converted to it (integer ids and masks keep theirs).
     """
     if isinstance(inputs, torch.Tensor):
+        if dtype is not None and inputs.is_floating_point():
+            return inputs.to(device, dtype)
         return inputs.to(device)
     if isinstance(inputs, Mapping):
-        return {k: move_inputs(v, device) for k, v in inputs.items()}
+        return {k: move_inputs(v, device, dtype) for k, v in inputs.items()}
     if isinstance(inputs, (list, tuple)):
-        return type(inputs)(move_inputs(v, device) for v in inputs)
+        return type(inputs)(move_inputs(v, device, dtype) for v in inputs)
     return inputs
 
 
@@ -226,8 +229,9 @@ def main_output(out: Any) -> torch.Tensor:
     """The one tensor of a model's output that comparisons read.
 
     A tensor is itself. A mapping (``dict``, Hugging Face ``ModelOutput``) gives ``logits``, else
-    ``last_hidden_state``, else its first floating tensor that is not ``loss``; a tuple or list
-    gives its first floating tensor (searched depth first). Caches and other objects are skipped.
+    its first floating tensor that is not ``loss`` (``last_hidden_state`` for a base model,
+    ``image_embeds`` for CLIP with a projection); a tuple or list gives its first floating tensor
+    (searched depth first). Caches and other objects are skipped.
 
     Raises:
         ExampleInputError: the output holds no floating tensor.
@@ -238,7 +242,7 @@ def main_output(out: Any) -> torch.Tensor:
     return found
 
 
-_MAIN_KEYS = ("logits", "last_hidden_state")
+_MAIN_KEYS = ("logits",)
 
 
 def _main_output(out: Any) -> torch.Tensor | None:

@@ -12,9 +12,9 @@ from torch import nn
 from ..checks import eval_mode, move_inputs
 from ..errors import PermutationError
 from ..guard import memory_guard
-from .attention import _attention_groups
 from .draft import _draft_group, _first_in_module_order, _groups_from_draft, _Unsupported
 from .graph import _build_graph, _canonical_names, _resolve_ignored
+from .heads import AttentionSearch, find_attention, head_groups, merge_sharing, structural_copy
 from .records import PermutationGroup, PermutationSpec, SkippedGroup
 from .verify import _Verifier
 
@@ -91,7 +91,10 @@ def _build_spec(
         if missing:
             raise PermutationError(f"unwrapped_parameters names {missing[0]!r}, which is not a parameter of the model")
         unwrapped = [(params[n], axis) for n, axis in unwrapped_parameters.items()]
-    graph = _build_graph(work, example_inputs, unwrapped)
+    probe = structural_copy(work, seed) if attention_heads else None
+    search = find_attention(work, example_inputs, canonical, probe) if attention_heads else AttentionSearch((), ())
+    graph = _build_graph(work, example_inputs, unwrapped, search.cut_outputs, search.cut_inputs)
+    internal = search.internal_axes
 
     order = {name: i for i, (name, _) in enumerate(work.named_modules())}
     order.update({name: len(order) + i for i, name in enumerate(canonical)})
@@ -110,6 +113,9 @@ def _build_spec(
             continue
         if not draft.entries:
             continue
+        touched = {(e.key, e.axis) for e in draft.entries} & internal
+        if touched and len(touched) == len({(e.key, e.axis) for e in draft.entries}):
+            continue  # attention head dimensions: the head groups below move them
         name = _first_in_module_order([n for n, _ in draft.producers] or [e.key for e in draft.entries], order)
         if draft.out_modules & ignored_names:
             skipped.append(SkippedGroup(name, draft.size, "ignored by the caller (ignored_layers)"))
@@ -123,12 +129,20 @@ def _build_spec(
             except _Unsupported as exc:
                 skipped.append(SkippedGroup(name, draft.size, str(exc)))
 
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    outside = {g.name: m for g in groups for m in g.members if int(m.index.max()) >= shapes[m.name][m.axis]}
+    skipped.extend(SkippedGroup(g.name, g.size, f"the dependency graph maps units outside {outside[g.name].name} "
+                                f"(axis {outside[g.name].axis} of size {shapes[outside[g.name].name][outside[g.name].axis]})")
+                   for g in groups if g.name in outside)
+    groups = [g for g in groups if g.name not in outside]
+    groups, refused = merge_sharing(groups)  # tied weights read by several layers (T5's shared embedding)
+    skipped.extend(refused)
     if attention_heads:
-        for name, module in work.named_modules():
-            if isinstance(module, nn.MultiheadAttention) and module in graph.module2node:
-                groups.extend(_attention_groups(name, module, canonical))
-            elif isinstance(module, nn.MultiheadAttention):
-                skipped.append(SkippedGroup(name, module.num_heads, "attention layer was not traced"))
+        untraced = {n for n, m in work.named_modules() if isinstance(m, nn.MultiheadAttention) and m not in graph.module2node}
+        skipped.extend(SkippedGroup(n, work.get_submodule(n).num_heads, "attention layer was not traced") for n in untraced)
+        heads, refused = head_groups(search, probe, example_inputs, seed, exclude=untraced)
+        groups.extend(heads)
+        skipped.extend(refused)
 
     names = defaultdict(int)
     for g in groups:
@@ -138,7 +152,7 @@ def _build_spec(
     # which act on the head positions after heads are reordered (the groups overlap).
     rank = {"channels": 0, "heads": 1, "head_qk": 2, "head_v": 2}
     groups.sort(key=lambda g: (order.get(g.name.split("[")[0] if g.kind == "channels" else g.producers[0], len(order)),
-                               rank[g.kind], g.name))
+                               rank[g.kind], not g.name.endswith(".heads"), g.name))
 
     if verify and groups:
         failing = _Verifier(work, example_inputs, seed).failing(groups)
@@ -151,7 +165,6 @@ def _build_spec(
         )
         groups = [g for g in groups if g.name not in failing]
 
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return PermutationSpec(tuple(groups), tuple(skipped), shapes, type(model).__name__)
 
 

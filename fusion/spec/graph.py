@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from torch import nn
 
 from ..checks import describe_shapes, eval_mode, main_output, run_model
 from ..errors import PermutationError, TraceError
+from .hf_layers import customized_pruners
 
 
 def _canonical_names(model: nn.Module) -> dict[str, str]:
@@ -38,17 +39,47 @@ def _resolve_ignored(model: nn.Module, ignored_layers: Sequence[str | nn.Module]
     return resolved
 
 
-def _build_graph(work: nn.Module, example_inputs: Any, unwrapped: Any) -> tp.DependencyGraph:
+def _build_graph(work: nn.Module, example_inputs: Any, unwrapped: Any, cut_outputs: Collection[str] = (),
+                 cut_inputs: Collection[str] = ()) -> tp.DependencyGraph:
+    """torch-pruning's graph of ``work``, traced on its main output.
+
+    ``cut_outputs`` (attention projections) and ``cut_inputs`` (output projections) name modules
+    whose outputs / inputs are head dimensions, handled by :mod:`fusion.spec.heads`: the graph is
+    cut there (their outputs become extra graph outputs, their inputs are detached), so the graph
+    never walks the attention internals (softmax, rotary embeddings, caches).
+    """
+    modules = dict(work.named_modules())
+    extra: list[torch.Tensor] = []
+
+    def forward(model: nn.Module, inputs: Any) -> Any:
+        # registered after torch-pruning's own hooks, so those record the uncut outputs
+        handles = [modules[n].register_forward_hook(_cut_output(extra)) for n in cut_outputs]
+        handles += [modules[n].register_forward_pre_hook(_cut_input) for n in cut_inputs]
+        try:
+            return run_model(model, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    frozen = [p for p in work.parameters() if not p.requires_grad]
     try:
+        # frozen parameters (Whisper's sinusoidal positions) must be in the autograd graph too
+        for p in frozen:
+            p.requires_grad_(True)
         with warnings.catch_warnings(), torch.enable_grad():
             warnings.simplefilter("ignore")
             # traced on the main output only (logits / last hidden state): caches and auxiliary
             # outputs of ModelOutputs are not the model's output units
-            return tp.DependencyGraph().build_dependency(
-                work, example_inputs, forward_fn=run_model, output_transform=main_output, verbose=False,
-                unwrapped_parameters=unwrapped,
+            graph = tp.DependencyGraph().build_dependency(
+                work, example_inputs, forward_fn=forward, output_transform=lambda out: [main_output(out), *extra],
+                verbose=False, unwrapped_parameters=unwrapped, customized_pruners=customized_pruners(work),
             )
+        for p in frozen:
+            p.requires_grad_(False)
+        return graph
     except Exception as exc:  # torch-pruning raises plain exceptions of many kinds
+        for p in frozen:
+            p.requires_grad_(False)
         with torch.no_grad(), eval_mode(work):
             run_model(work, example_inputs)  # raises ExampleInputError if the inputs are at fault
         raise TraceError(
@@ -56,3 +87,17 @@ def _build_graph(work: nn.Module, example_inputs: Any, unwrapped: Any) -> tp.Dep
             f"{describe_shapes(example_inputs)}: {type(exc).__name__}: {exc}"
         ) from exc
 
+
+def _cut_output(extra: list[torch.Tensor]):
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+            extra.append(output)
+            return output.detach()
+        return None
+    return hook
+
+
+def _cut_input(module: nn.Module, args: tuple) -> tuple | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return (args[0].detach(), *args[1:])
+    return None

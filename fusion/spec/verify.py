@@ -16,8 +16,8 @@ def relative_difference(out_a: Any, out_b: Any) -> float:
     """max |a - b| / max |a| between the main tensors of two model outputs.
 
     Outputs may be tensors, tuples, mappings or Hugging Face ``ModelOutput``s; both are compared
-    on :func:`fusion.checks.main_output` (logits, else the last hidden state, else the first
-    floating tensor), so caches and auxiliary tensors are not compared.
+    on :func:`fusion.checks.main_output` (logits, else the first floating tensor), so caches and
+    auxiliary tensors are not compared.
     """
     a, b = main_output(out_a).double(), main_output(out_b).double()
     if a.shape != b.shape:
