@@ -103,7 +103,7 @@ def _offsets_in_unit(parent: PermutationGroup, child: PermutationGroup) -> tuple
         unit = units.pop()
         offsets[(member.name, member.axis)] = torch.tensor([t for _, t in found]).view(member.index.shape)
     if unit is None or sum(int(m.index.numel()) for m in child.members) >= sum(
-            int(parent_members[(m.name, m.axis)].index[unit].numel()) for m in child.members):
+            int(m.index[unit].numel()) for m in parent.members):
         return None  # a child must be strictly smaller than the parent's unit
     return unit, offsets
 

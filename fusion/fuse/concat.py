@@ -457,7 +457,7 @@ def _traced_skeleton(
         try:
             probe_forward(wide, move_inputs(inputs, trace_device))
             wide_spec = permutation_spec(wide, inputs, verify=False, unwrapped_parameters=_unwrapped(model, spec))
-        except FusionError as exc:
+        except (FusionError, NotImplementedError, RuntimeError) as exc:  # meta tensors hold no data to probe
             if trace_device == device:
                 raise
             log.debug("tracing the widened model on the meta device failed (%s); tracing real tensors", exc)
