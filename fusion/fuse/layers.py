@@ -275,7 +275,8 @@ def _sync_ancestors(model: nn.Module, old_shapes: Mapping[str, Mapping[str, torc
         _scale_attributes(module, names, ratio, name or type(module).__name__)
         config = getattr(module, "config", None)
         if name == "" and config is not None and not isinstance(config, (dict, int, str)):
-            _scale_attributes(config, CONFIG_FIELDS, ratio, "config")
+            aliases = getattr(config, "attribute_map", {})  # e.g. DistilBERT: num_attention_heads -> n_heads
+            _scale_attributes(config, tuple(f for f in CONFIG_FIELDS if f not in aliases), ratio, "config")
 
 
 def _scale_attributes(owner: object, names: tuple[str, ...], ratio: Fraction, label: str) -> None:

@@ -385,7 +385,7 @@ def _correct_producer(layer: nn.Module, stats: ChannelStats, goal_mean: torch.Te
     weight = layer.weight.data
     shape = (1, -1) if is_transposed_linear(layer) else (-1,) + (1,) * (weight.dim() - 1)
     weight.copy_((weight.double() * scale.view(shape)).to(weight.dtype))
-    if layer.bias is None:
+    if getattr(layer, "bias", None) is None:
         logger.warning("repair: %s has no bias, so only its standard deviations can be matched", layer)
         return
     bias = layer.bias.data
