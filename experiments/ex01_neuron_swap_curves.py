@@ -6,7 +6,9 @@ the original to the swapped network shows how the loss landscape connects the tw
 swapped layer moves along the curve the correction is *local*; if every layer moves, *global*.
 
 A VGG-style model (``fusion.models.VGGSmall``, digits upsampled to 16x16) is trained from ``seed``. For
-an early, a middle and a late convolution two random units are swapped (``fusion.swap_neurons``), the
+an early, a middle and a late convolution (``fusion.neuronswap.layer_at_depth``, as ``fusion swap --depth``:
+block 0 layer 0, layer 1 of the middle block, layer 1 of the last block; VGGSmall's blocks hold one
+convolution each) two random units are swapped (``fusion.swap_neurons``), the
 swap is checked to preserve the function on the test set (``fusion.verify_equivalence``), and a curve
 with one trained control point is fitted from the original to the swapped model, then evaluated at 61
 points (loss, accuracy and the distance of every layer from the original under all three metrics).
@@ -28,7 +30,6 @@ from typing import Any
 import excommon as common
 import numpy as np
 import torch
-from torch import nn
 
 from fusion import (
     animate_layer_distances,
@@ -44,15 +45,9 @@ from fusion import (
 from fusion.analysis.io import save_json
 from fusion.checkpoint import save_model
 from fusion.models import VGGSmall
+from fusion.neuronswap import DEPTHS, layer_at_depth
 
 NAME = "ex01_neuron_swap_curves"
-DEPTHS = ("early", "mid", "late")
-
-
-def conv_layers(model: nn.Module, spec: Any) -> list[str]:
-    """Convolutions that produce a permutable group, in order."""
-    modules = dict(model.named_modules())
-    return [g.name for g in spec.groups if g.kind == "channels" and isinstance(modules.get(g.name), nn.Conv2d)]
 
 
 def touched_modules(group: Any) -> list[str]:
@@ -81,8 +76,7 @@ def body(run: common.Run) -> dict[str, Any]:
     (original,) = run.members(build, 1, epochs, lr=3e-3)
     save_model(original, run.out / "original" / "checkpoint.pt")
     spec = permutation_spec(original, run.example_inputs)
-    convs = conv_layers(original, spec)
-    layers = dict(zip(DEPTHS, (convs[0], convs[len(convs) // 2], convs[-1])))
+    layers = {depth: layer_at_depth(original, depth, run.example_inputs, spec) for depth in DEPTHS}
     test_inputs = torch.cat([x for x, _ in run.test])
     baseline = evaluate(original, run.test)
     generator = torch.Generator().manual_seed(run.args.seed)

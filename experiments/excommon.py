@@ -39,7 +39,7 @@ __all__ = ["Run", "line_plot", "load_split", "parent_parser", "run_experiment", 
 def parent_parser(name: str, description: str) -> argparse.ArgumentParser:
     """The options every experiment shares; ``name`` (``"ex03_rebasin_barriers"``) sets the default output folder."""
     parser = argparse.ArgumentParser(prog=f"{name}.py", description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="a reduced budget that finishes in about a minute")
     parser.add_argument("--dataset", default="digits", choices=DATASETS, help="data set (digits is embedded)")
     parser.add_argument("--data-root", type=Path, default=None, help="folder of the cifar10/cifar100/mnist files")

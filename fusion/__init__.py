@@ -16,79 +16,39 @@ everything else is built on it:
 
 from __future__ import annotations
 
-from . import analysis, checkpoint, data, errors, models
-from .align import Alignment, align, align_many
-from .analysis import (
-    METRICS,
-    BezierCurve,
-    CurveEvaluation,
-    InterpolationCurve,
-    LayerDistances,
-    animate_layer_distances,
-    barrier,
-    evaluate_curve,
-    interpolation_curve,
-    layer_distances,
-    plot_distance_heatmap,
-    plot_interpolation,
-    train_bezier_curve,
-)
-from .analysis.similarity import (
-    SimilarityResult,
-    linear_cka,
-    matched_correlation,
-    procrustes_distance,
-    representation_similarity,
-)
-from .checkpoint import build_architecture, load_model, save_model
-from .coverage import Coverage, permutation_coverage
-from .errors import *
-from .evaluate import Evaluation, ensemble_evaluate, evaluate
-from .fuse import (
-    MergeResult,
-    average,
-    concat_models,
-    finetune,
-    fuse_ensemble,
-    fuse_hierarchical,
-    fuse_iterative,
-    interpolate,
-    merge,
-    merge_with_alignments,
-    ot_fusion,
-    repair,
-    reset_bn_stats,
-)
-from .inspect import (
-    BendedModule,
-    BendingConfig,
-    Inspector,
-    Mask,
-    Noise,
-    Permute,
-    Scale,
-    fit_stitch,
-    stitch,
-)
-from .permute import (
-    check_permutations,
-    compose_permutations,
-    identity_permutation,
-    inverse_permutation,
-    permute,
-    permute_layer,
-    permute_state_dict,
-    random_permutation,
-    swap_neurons,
-    verify_equivalence,
-)
-from .spec import (
-    AxisMember,
-    PermutationGroup,
-    PermutationSpec,
-    SkippedGroup,
-    permutation_spec,
-)
+from . import errors
+from ._lazy import lazy_exports
+
+# Public names by the module defining them, imported on first use (``fusion --help`` starts without torch).
+_EXPORTS = {
+    ".errors": tuple(errors.__all__),
+    ".align": ("Alignment", "align", "align_many"),
+    ".analysis": (
+        "METRICS", "BezierCurve", "CurveEvaluation", "InterpolationCurve", "LayerDistances",
+        "animate_layer_distances", "barrier", "evaluate_curve", "interpolation_curve", "layer_distances",
+        "plot_distance_heatmap", "plot_interpolation", "train_bezier_curve",
+    ),
+    ".analysis.similarity": (
+        "SimilarityResult", "linear_cka", "matched_correlation", "procrustes_distance", "representation_similarity",
+    ),
+    ".checkpoint": ("build_architecture", "load_model", "save_model"),
+    ".coverage": ("Coverage", "permutation_coverage"),
+    ".evaluate": ("Evaluation", "ensemble_evaluate", "evaluate"),
+    ".fuse": (
+        "MergeResult", "average", "concat_models", "finetune", "fuse_ensemble", "fuse_hierarchical",
+        "fuse_iterative", "interpolate", "merge", "merge_with_alignments", "ot_fusion", "repair", "reset_bn_stats",
+    ),
+    ".inspect": (
+        "BendedModule", "BendingConfig", "Inspector", "Mask", "Noise", "Permute", "Scale", "fit_stitch", "stitch",
+    ),
+    ".permute": (
+        "check_permutations", "compose_permutations", "identity_permutation", "inverse_permutation", "layer_group",
+        "permute", "permute_layer", "permute_state_dict", "random_permutation", "swap_neurons", "verify_equivalence",
+    ),
+    ".spec": ("AxisMember", "PermutationGroup", "PermutationSpec", "SkippedGroup", "permutation_spec"),
+}
+_SUBMODULES = ("analysis", "checkpoint", "data", "errors", "models", "neuronswap")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES)
 
 __version__ = "0.1.0"
 
@@ -99,6 +59,7 @@ __all__ = [
     "data",
     "errors",
     "models",
+    "neuronswap",
     *errors.__all__,
     # spec and permutations
     "AxisMember",
@@ -110,6 +71,7 @@ __all__ = [
     "permute_state_dict",
     "permute_layer",
     "swap_neurons",
+    "layer_group",
     "random_permutation",
     "identity_permutation",
     "inverse_permutation",

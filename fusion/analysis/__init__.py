@@ -9,17 +9,17 @@
 
 from __future__ import annotations
 
-from .curves import (
-    BezierCurve,
-    CurveEvaluation,
-    bernstein_weights,
-    evaluate_curve,
-    load_curve_evaluation,
-    train_bezier_curve,
-)
-from .distances import METRICS, LayerDistances, layer_distances, state_dict_distances
-from .interpolation import InterpolationCurve, barrier, interpolation_curve, load_interpolation_curve
-from .plots import animate_layer_distances, plot_distance_heatmap, plot_interpolation
+from .._lazy import lazy_exports
+
+# Public names by the module defining them, imported on first use (see fusion._lazy).
+_EXPORTS = {
+    ".curves": ("BezierCurve", "CurveEvaluation", "bernstein_weights", "evaluate_curve", "load_curve_evaluation",
+                "train_bezier_curve"),
+    ".distances": ("METRICS", "LayerDistances", "layer_distances", "state_dict_distances"),
+    ".interpolation": ("InterpolationCurve", "barrier", "interpolation_curve", "load_interpolation_curve"),
+    ".plots": ("animate_layer_distances", "plot_distance_heatmap", "plot_interpolation"),
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 # Representation-similarity names (fusion.analysis.similarity) are added here by the lead.
 

@@ -28,7 +28,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from tqdm.auto import tqdm
 
 from ..checks import (
     check_same_device,
@@ -40,6 +39,7 @@ from ..checks import (
     run_model,
 )
 from ..errors import DataError, ExampleInputError, StitchError, TraceError
+from ..progress import tqdm
 from .capture import TracedModel, copy_graph_module, trace_model, truncate_graph
 from .moments import CrossMoments
 

@@ -7,9 +7,9 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
+from .._lazy import tp
 from ..checks import describe_shapes, eval_mode, main_output, run_model
 from ..errors import PermutationError, TraceError
 from .hf_layers import customized_pruners
