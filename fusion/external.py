@@ -18,11 +18,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import CheckpointError
 
-__all__ = ["EXTERNAL_PREFIXES", "build_external", "is_external", "load_hf_folder"]
+__all__ = ["EXTERNAL_PREFIXES", "build_external", "example_inputs_for", "is_external", "load_hf_folder"]
 
 EXTERNAL_PREFIXES = ("hf:", "hf-config:", "timm:")
 
@@ -138,3 +139,20 @@ def build_external(name: str, num_classes: int | None = None, input_shape: tuple
     if input_shape and len(input_shape) == 3:
         arguments.setdefault("in_chans", int(input_shape[0]))
     return _timm_model(name, rest.strip(), arguments)
+
+
+def example_inputs_for(model: nn.Module, count: int, shape: tuple[int, ...], generator: torch.Generator) -> Any:
+    """Random inputs of ``shape`` (one sample) in the form ``model`` takes.
+
+    A ``transformers`` model whose main input is token ids gets ``{"input_ids": ...}`` of length
+    ``shape[-1]`` drawn from its vocabulary; one with another main input (``pixel_values``,
+    ``input_values``, ``input_features``) gets that keyword with a normal float tensor; any other
+    model a plain float tensor.
+    """
+    main = getattr(model, "main_input_name", None)
+    if main is None or not hasattr(model, "config"):
+        return torch.randn((count, *shape), generator=generator)
+    if main == "input_ids":
+        vocab = int(getattr(model.config, "vocab_size", 0) or 2)
+        return {"input_ids": torch.randint(0, vocab, (count, int(shape[-1])), generator=generator)}
+    return {main: torch.randn((count, *shape), generator=generator)}

@@ -255,3 +255,12 @@ def test_names_that_would_download_or_do_not_exist_raise_a_checkpoint_error(name
     with pytest.raises(CheckpointError) as info:
         build_architecture(name, **kwargs)
     assert all(word in str(info.value) for word in words)
+
+
+def test_cli_spec_of_an_hf_config_model_traces_token_ids(capsys):
+    pytest.importorskip("transformers")
+    from fusion.cli import main
+
+    main(["spec", "--arch", f"hf-config:GPT2LMHeadModel:{GPT2_CONFIG}", "--input-shape", "8", "--quiet"])
+    out = capsys.readouterr().out
+    assert "GPT2LMHeadModel" in out and "heads" in out
