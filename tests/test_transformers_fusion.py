@@ -22,8 +22,8 @@ from fusion.errors import CheckpointError
 
 #: Models whose hidden permutation every alignment method must recover exactly.
 RECOVERY_MODELS = ["gpt2", "bert", "llama", "vit", "timm_vit", "timm_deit"]
-#: Models concatenated and transplanted (GPT-2 ties its input and output embeddings: see below).
-CONCAT_MODELS = ["bert", "llama", "vit", "timm_vit", "distilbert"]
+#: Models concatenated (GPT-2 ties its input and output embeddings).
+CONCAT_MODELS = ["gpt2", "bert", "llama", "vit", "timm_vit", "distilbert"]
 
 
 def max_state_diff(a, b) -> float:
@@ -141,7 +141,7 @@ def test_concatenating_four_llamas_keeps_the_mean_with_rms_norms_per_member():
     assert wide.config.num_key_value_heads == 4 * members[0].config.num_key_value_heads
 
 
-@pytest.mark.parametrize("name", ["bert", "llama", "timm_vit"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "timm_vit"])
 def test_transplanted_transformer_loads_strictly_into_the_member_class(name):
     members, x = member_pair(name)
     fused = fusion.fuse_ensemble(members, x, progress=False)
@@ -153,10 +153,14 @@ def test_transplanted_transformer_loads_strictly_into_the_member_class(name):
         assert torch.isfinite(main_output(run_model(fused, x))).all()
 
 
-def test_tied_input_and_output_embeddings_are_refused_by_concatenation_with_the_reason():
+def test_transplanting_gpt2_keeps_its_input_and_output_embeddings_tied():
     members, x = member_pair("gpt2")
-    with pytest.raises(fusion.FusionError, match="tied"):
-        fusion.concat_models(members, x)
+    wide = fusion.concat_models(members, x)
+    assert wide.lm_head.weight is not wide.transformer.wte.weight  # untied in the wide model only
+    fused = fusion.fuse_ensemble(members, x, progress=False)
+    assert fused.lm_head.weight is fused.transformer.wte.weight
+    assert fused.config.to_dict() == members[0].config.to_dict()
+    assert members[0].lm_head.weight is members[0].transformer.wte.weight  # members untouched
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert", "llama"])

@@ -21,8 +21,9 @@ The construction is generic, driven by the spec rather than by walking layers:
    averaged; LayerNorms over a widened axis become :class:`~fusion.fuse.layers.BlockLayerNorm` (RMSNorms
    and other channel norms a :class:`~fusion.fuse.layers.BlockNorm`).
 
-Whatever cannot be concatenated exactly (units outside every permutation group, a tied
-input/output embedding, ...) raises :class:`ConcatError` naming the layer, and the result is checked
+A tied input/output embedding (GPT-2's ``wte``/``lm_head``) is untied in the wide model: one tensor
+cannot hold member blocks and a weighted read-out at once. Whatever else cannot be concatenated exactly
+(units outside every permutation group, ...) raises :class:`ConcatError` naming the layer, and the result is checked
 on ``example_inputs`` before it is returned.
 
 Example:
@@ -182,6 +183,12 @@ def build_concatenation(
     for k, model in enumerate(models):
         spec.check_model(model, f"models[{k}]")
     widened = _widened_axes(models[0], spec)
+    untie = _tied_output_aliases(models[0], widened)
+    if untie:  # a tied input/output embedding: the wide model gets its own output layer (GPT-2's lm_head)
+        log.info("untying %s from the input embedding in the concatenated model", sorted(untie))
+        models = [untied(m, untie) for m in models]
+        spec = permutation_spec(models[0], inputs)
+        widened = _widened_axes(models[0], spec)
     scaled = _scaled_tensors(models[0], widened)
     _check_shared_tensors(models, spec, widened, scaled)
 
@@ -265,6 +272,33 @@ def _scaled_tensors(model: nn.Module, widened: dict[str, set[int]]) -> set[str]:
             )
         decisions.setdefault(canonical, (scaled, key))
     return {key for key, (scaled, _) in decisions.items() if scaled}
+
+
+def _tied_output_aliases(model: nn.Module, widened: dict[str, set[int]]) -> set[str]:
+    """Keys of an output layer's weight that is tied to a layer writing widened units (a tied input
+    embedding): one tensor cannot be both a member block and a weighted read-out."""
+    aliases = set()
+    for key, canonical in _canonical(model).items():
+        _, module, local = owner_of(model, key)
+        out = _output_axis(module, local)
+        axes = widened.get(canonical, set())
+        if key != canonical and axes and out is not None and out not in axes:
+            aliases.add(key)
+    return aliases
+
+
+def untied(model: nn.Module, keys: set[str]) -> nn.Module:
+    """A copy of ``model`` in which the parameters ``keys`` are no longer shared with another name
+    (and a Hugging Face config says ``tie_word_embeddings=False``, so that nothing re-ties them)."""
+    model = copy.deepcopy(model)
+    for key in keys:
+        _, module, local = owner_of(model, key)
+        old = module._parameters[local]
+        module._parameters[local] = nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad)
+    config = getattr(model, "config", None)
+    if hasattr(config, "tie_word_embeddings"):
+        config.tie_word_embeddings = False
+    return model
 
 
 def _check_shared_tensors(

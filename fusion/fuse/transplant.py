@@ -63,7 +63,7 @@ from .concat import (
     probe_forward,
     read_block,
 )
-from .layers import resize_tensors, restore_norm, set_submodule
+from .layers import owner_of, resize_tensors, restore_norm, set_submodule
 
 tp_function = tp.pruner.function
 
@@ -248,7 +248,23 @@ def _transplant(parts: list[_Part], inputs: Any, spec: PermutationSpec, scorer: 
         log.info("all %d models are identical; nothing to transplant", total)
         return _Part(copy.deepcopy(parts[0].model), total)
     concat = build_concatenation([p.model for p in parts], inputs, spec=spec, weights=[p.count / total for p in parts])
-    return _Part(_prune_to_members(concat, inputs, scorer, progress, keep), total)
+    return _Part(_retie(_prune_to_members(concat, inputs, scorer, progress, keep), parts[0].model), total)
+
+
+def _retie(fused: nn.Module, member: nn.Module) -> nn.Module:
+    """Tie again what the members tie (the concatenation unties a tied output embedding): the fused model
+    has the members' architecture, its output layer reading the transplanted input embedding."""
+    first: dict[int, str] = {}
+    tied = {key: first.setdefault(id(t), key) for key, t in member.state_dict(keep_vars=True).items()}
+    params = dict(fused.named_parameters(remove_duplicate=False))
+    for key in tied:
+        if tied[key] != key and key in params and tied[key] in params and params[key] is not params[tied[key]]:
+            _, module, local = owner_of(fused, key)
+            module._parameters[local] = params[tied[key]]
+    member_config, config = getattr(member, "config", None), getattr(fused, "config", None)
+    if hasattr(member_config, "tie_word_embeddings") and config is not None:
+        config.tie_word_embeddings = member_config.tie_word_embeddings
+    return fused
 
 
 # --------------------------------------------------------------------------------------------
