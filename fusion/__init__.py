@@ -45,7 +45,8 @@ _EXPORTS = {
         "check_permutations", "compose_permutations", "identity_permutation", "inverse_permutation", "layer_group",
         "permute", "permute_layer", "permute_state_dict", "random_permutation", "swap_neurons", "verify_equivalence",
     ),
-    ".spec": ("AxisMember", "PermutationGroup", "PermutationSpec", "SkippedGroup", "permutation_spec"),
+    ".spec": ("AxisMember", "PermutationGroup", "PermutationSpec", "SkippedGroup", "permutation_spec",
+              "structural_difference"),
 }
 _SUBMODULES = ("analysis", "checkpoint", "data", "errors", "models", "neuronswap")
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES)
@@ -78,6 +79,7 @@ __all__ = [
     "compose_permutations",
     "check_permutations",
     "verify_equivalence",
+    "structural_difference",
     "Coverage",
     "permutation_coverage",
     # alignment

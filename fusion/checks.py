@@ -28,7 +28,9 @@ from .errors import (
     DeviceMismatchError,
     EnsembleError,
     ExampleInputError,
+    FusionError,
     NonFiniteWeightsError,
+    TraceError,
 )
 
 __all__ = [
@@ -205,6 +207,8 @@ def run_model(model: Any, inputs: Any, argument: str = "example_inputs") -> Any:
     args, kwargs = split_inputs(inputs)
     try:
         return model(*args, **kwargs)
+    except FusionError:
+        raise  # a guard's time/memory stop, or fusion's own check inside the forward
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:
         raise ExampleInputError(
             f"the model rejected {argument} of shape {describe_shapes(inputs)}: {type(exc).__name__}: {exc}"
@@ -234,11 +238,11 @@ def main_output(out: Any) -> torch.Tensor:
     (searched depth first). Caches and other objects are skipped.
 
     Raises:
-        ExampleInputError: the output holds no floating tensor.
+        TraceError: the output holds no floating tensor.
     """
     found = _main_output(out)
     if found is None:
-        raise ExampleInputError(f"the model's output ({describe_shapes(out)}) holds no floating-point tensor to compare")
+        raise TraceError(f"the model's output ({describe_shapes(out)}) holds no floating-point tensor to compare")
     return found
 
 

@@ -175,5 +175,11 @@ HELD_OUT_MODELS = {
     "bart": _held_out("Bart", "BartForConditionalGeneration", d_model=32, encoder_layers=1, decoder_layers=1,
                       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37,
                       vocab_size=VOCAB, max_position_embeddings=16),
+    "falcon": _held_out("Falcon", "FalconForCausalLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=VOCAB, new_decoder_architecture=True, num_kv_heads=2),
+    "gpt_bigcode": _held_out("GPTBigCode", "GPTBigCodeForCausalLM", n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB,
+                             n_positions=16, multi_query=True),
+    "gptj": _held_out("GPTJ", "GPTJForCausalLM", n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=16,
+                      rotary_dim=4),
 }
 MODELS.update(HELD_OUT_MODELS)

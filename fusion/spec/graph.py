@@ -12,6 +12,7 @@ from torch import nn
 from .._lazy import tp
 from ..checks import describe_shapes, eval_mode, main_output, run_model
 from ..errors import PermutationError, TraceError
+from ..guard import memory_guard
 from .hf_layers import customized_pruners
 
 
@@ -39,14 +40,17 @@ def _resolve_ignored(model: nn.Module, ignored_layers: Sequence[str | nn.Module]
     return resolved
 
 
-def _build_graph(work: nn.Module, example_inputs: Any, unwrapped: Any, cut_outputs: Collection[str] = (),
-                 cut_inputs: Collection[str] = ()) -> tp.DependencyGraph:
-    """torch-pruning's graph of ``work``, traced on its main output.
+def _build_graph(work: nn.Module, example_inputs: Any, unwrapped: Any, deadline: float | None = None,
+                 cut_outputs: Collection[str] = (), cut_inputs: Collection[str] = ()) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of ``work``, traced on its main output under the memory and
+    time guard.
 
+    Hooks that torch-pruning leaves on the model when its trace is interrupted are removed.
     ``cut_outputs`` (attention projections) and ``cut_inputs`` (output projections) name modules
     whose outputs / inputs are head dimensions, handled by :mod:`fusion.spec.heads`: the graph is
-    cut there (their outputs become extra graph outputs, their inputs are detached), so the graph
-    never walks the attention internals (softmax, rotary embeddings, caches).
+    cut there (their outputs become extra graph outputs, their inputs are detached), so it never
+    walks the attention internals (softmax, rotary embeddings, caches). Frozen parameters are
+    traced too (Whisper's sinusoidal positions).
     """
     modules = dict(work.named_modules())
     extra: list[torch.Tensor] = []
@@ -61,31 +65,40 @@ def _build_graph(work: nn.Module, example_inputs: Any, unwrapped: Any, cut_outpu
             for handle in handles:
                 handle.remove()
 
+    def outputs(out: Any) -> list[torch.Tensor]:
+        try:
+            return [main_output(out), *extra]
+        except TraceError as exc:
+            raise TraceError(f"cannot trace {type(work).__name__}: {exc}") from exc
+
     frozen = [p for p in work.parameters() if not p.requires_grad]
+    hooks = {m: set(m._forward_hooks) for m in work.modules()}
+    what = f"tracing {type(work).__name__} (torch-pruning build_dependency)"
     try:
-        # frozen parameters (Whisper's sinusoidal positions) must be in the autograd graph too
-        for p in frozen:
-            p.requires_grad_(True)
-        with warnings.catch_warnings(), torch.enable_grad():
+        with warnings.catch_warnings(), torch.enable_grad(), memory_guard(what, deadline=deadline):
             warnings.simplefilter("ignore")
+            for p in frozen:
+                p.requires_grad_(True)
             # traced on the main output only (logits / last hidden state): caches and auxiliary
             # outputs of ModelOutputs are not the model's output units
-            graph = tp.DependencyGraph().build_dependency(
-                work, example_inputs, forward_fn=forward, output_transform=lambda out: [main_output(out), *extra],
+            return tp.DependencyGraph().build_dependency(
+                work, example_inputs, forward_fn=forward, output_transform=outputs,
                 verbose=False, unwrapped_parameters=unwrapped, customized_pruners=customized_pruners(work),
             )
-        for p in frozen:
-            p.requires_grad_(False)
-        return graph
+    except TraceError:
+        _remove_new_hooks(hooks)
+        raise
     except Exception as exc:  # torch-pruning raises plain exceptions of many kinds
-        for p in frozen:
-            p.requires_grad_(False)
+        _remove_new_hooks(hooks)
         with torch.no_grad(), eval_mode(work):
             run_model(work, example_inputs)  # raises ExampleInputError if the inputs are at fault
         raise TraceError(
             f"torch-pruning could not trace {type(work).__name__} on example_inputs of shape "
             f"{describe_shapes(example_inputs)}: {type(exc).__name__}: {exc}"
         ) from exc
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def _cut_output(extra: list[torch.Tensor]):
@@ -101,3 +114,21 @@ def _cut_input(module: nn.Module, args: tuple) -> tuple | None:
     if args and isinstance(args[0], torch.Tensor):
         return (args[0].detach(), *args[1:])
     return None
+
+
+def _remove_new_hooks(before: dict[nn.Module, set[int]]) -> None:
+    for module, keys in before.items():
+        for key in set(module._forward_hooks) - keys:
+            del module._forward_hooks[key]
+
+
+def _all_groups(graph: tp.DependencyGraph, model: nn.Module, deadline: float | None = None) -> list[Any]:
+    """Every torch-pruning group rooted at a module, under the memory and time guard."""
+    what = f"grouping the channels of {type(model).__name__} (torch-pruning get_all_groups)"
+    try:
+        with memory_guard(what, deadline=deadline):
+            return list(graph.get_all_groups(root_module_types=(nn.Module,)))
+    except TraceError:
+        raise
+    except Exception as exc:
+        raise TraceError(f"{what} failed: {type(exc).__name__}: {exc}") from exc

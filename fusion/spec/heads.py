@@ -29,7 +29,6 @@ projections are not called as modules, gets the same layout from its packed ``in
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import defaultdict
 from collections.abc import Collection, Sequence
@@ -39,9 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import main_output, move_inputs, split_inputs
+from ..checks import move_inputs, run_model
 from .hf_layers import linear_axes
 from .records import AxisMember, PermutationGroup, SkippedGroup
+from .verify import structural_copy
 
 log = logging.getLogger(__name__)
 
@@ -143,35 +143,6 @@ def multihead_attention_layout(name: str, mha: nn.MultiheadAttention, canonical:
 # --------------------------------------------------------------------------------------------
 
 
-def structural_copy(model: nn.Module, seed: int = 0) -> nn.Module:
-    """A float64 copy of ``model`` with every parameter re-drawn at O(1) scale (eval mode).
-
-    Matrices get fan-in scaled normal values, vectors named like norm scales values around 1,
-    other vectors (biases) O(1) normal values; normalisation statistics are random with positive
-    variances. Near-zero initial weights can hide a wrong symmetry; these cannot.
-    """
-    work = copy.deepcopy(model).double().eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in work.named_parameters():
-            p.copy_(_redraw(name, p, gen))
-            p.requires_grad_(True)
-        for name, b in work.named_buffers():
-            if b.is_floating_point() and name.endswith(("running_var", "running_mean")):
-                b.copy_(_redraw(name, b, gen))
-    return work
-
-
-def _redraw(name: str, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    if name.endswith("running_var"):
-        return 0.5 + torch.rand(p.shape, generator=gen, dtype=p.dtype)
-    if p.dim() >= 2:
-        return torch.randn(p.shape, generator=gen, dtype=p.dtype) / max(1, p[0].numel()) ** 0.5
-    if name.rsplit(".", 1)[-1] in ("weight", "gamma", "scale", "g"):
-        return 0.5 + torch.rand(p.shape, generator=gen, dtype=p.dtype)
-    return 0.5 * torch.randn(p.shape, generator=gen, dtype=p.dtype)
-
-
 @dataclass
 class _Capture:
     module: nn.Module
@@ -199,16 +170,15 @@ def _capture_linears(work: nn.Module, inputs: Any) -> dict[str, _Capture]:
             if not isinstance(output, torch.Tensor) or cap.output is not None:
                 return None  # a module called twice keeps its first call
             cap.output = output.detach().requires_grad_(True)
-            return cap.output
+            return cap.output.clone()  # a non-leaf: the model may write into it (Falcon's fused qkv)
         return fn
 
     for cap in captures.values():
         handles.append(cap.module.register_forward_pre_hook(pre_hook(cap)))
         handles.append(cap.module.register_forward_hook(hook(cap)))
     try:
-        args, kwargs = split_inputs(inputs)
         with torch.enable_grad():
-            main_output(work(*args, **kwargs))
+            run_model(work, inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -233,8 +203,7 @@ def _graph_leaves(root: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
     return leaves, softmax
 
 
-def _dependencies(root: torch.Tensor, leaves: Sequence[torch.Tensor], activations: int, chunk: int = 64
-                  ) -> list[torch.Tensor]:
+def _dependencies(root: torch.Tensor, leaves: Sequence[torch.Tensor], activations: int) -> list[torch.Tensor]:
     """Which columns (last axis) of ``root`` depend on which leaf entries, as bool matrices.
 
     The first ``activations`` leaves are activations: their entries are their features (last
@@ -242,6 +211,7 @@ def _dependencies(root: torch.Tensor, leaves: Sequence[torch.Tensor], activation
     parameters, giving ``(columns, *shape)``. Dependencies are exact zeros of batched gradients.
     """
     columns = root.shape[-1]
+    chunk = max(1, min(64, (1 << 21) // max(1, root.numel())))  # columns per batched backward (memory)
     shapes = [(leaf.shape[-1],) if i < activations else tuple(leaf.shape) for i, leaf in enumerate(leaves)]
     deps = [torch.zeros((columns,) + shape, dtype=torch.bool) for shape in shapes]
     for start in range(0, columns, chunk):
@@ -446,9 +416,8 @@ class AttentionSearch:
         return {a for lay in self.layouts for a in lay.internal_axes}
 
 
-def find_attention(model: nn.Module, example_inputs: Any, canonical: dict[str, str], probe: nn.Module | None = None
-                   ) -> AttentionSearch:
-    """The attention layers of ``model`` with their head layouts (``probe``: its structural copy)."""
+def find_attention(model: nn.Module, example_inputs: Any, canonical: dict[str, str], seed: int = 0) -> AttentionSearch:
+    """The attention layers of ``model`` with their head layouts, read off a structural copy."""
     layouts, refused = [], []
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
@@ -460,9 +429,18 @@ def find_attention(model: nn.Module, example_inputs: Any, canonical: dict[str, s
     has_linear = any(linear_axes(m) is not None for m in model.modules() if not isinstance(m, nn.MultiheadAttention))
     if not has_linear:
         return AttentionSearch(tuple(layouts), tuple(refused))
-    work = probe if probe is not None else structural_copy(model)
     from ..checks import model_device
-    captures = _capture_linears(work, move_inputs(example_inputs, model_device(work), torch.float64))
+
+    try:
+        work = structural_copy(model, seed)
+        for p in work.parameters():
+            p.requires_grad_(True)  # frozen per-head tables must show their dependencies too
+        captures = _capture_linears(work, move_inputs(example_inputs, model_device(work), torch.float64))
+    except Exception as exc:  # no float64 copy (a lock, float32-only code): only nn.MultiheadAttention's layouts
+        with torch.no_grad():
+            run_model(model, example_inputs)  # raises ExampleInputError if the inputs are at fault
+        log.warning("no attention layouts read from %s: %s: %s", type(model).__name__, type(exc).__name__, exc)
+        return AttentionSearch(tuple(layouts), tuple(refused))
     by_leaf = {id(c.output): n for n, c in captures.items()}
     param_names = {id(p): n for n, p in work.named_parameters()}
     rotary = _rotary_dims(work)
@@ -579,7 +557,7 @@ def layout_groups(layout: AttentionLayout) -> tuple[list[PermutationGroup], list
 
 def merge_sharing(groups: list[PermutationGroup], axes: set[tuple[str, int]] | None = None
                   ) -> tuple[list[PermutationGroup], list[SkippedGroup]]:
-    """Groups that move one tensor axis (of ``axes``, or any) become one group, the axis moved once.
+    """Groups that move the same positions of one tensor axis (of ``axes``, or any) become one group.
 
     Tied weights make this necessary: T5's encoder and decoder residual streams share the
     embedding matrix, and every layer reuses the first layer's relative-position bias table, so
@@ -594,11 +572,13 @@ def merge_sharing(groups: list[PermutationGroup], axes: set[tuple[str, int]] | N
             i = parent[i]
         return i
 
-    owner: dict[tuple[str, int], int] = {}
+    owner: dict[tuple[str, int], dict[int, int]] = defaultdict(dict)  # (tensor, axis) -> position -> group
     for i, g in enumerate(groups):
         for m in g.members:
             if axes is None or (m.name, m.axis) in axes:
-                parent[find(i)] = find(owner.setdefault((m.name, m.axis), i))
+                positions = owner[m.name, m.axis]
+                for pos in m.index.reshape(-1).tolist():
+                    parent[find(i)] = find(positions.setdefault(pos, i))
     components: dict[int, list[PermutationGroup]] = defaultdict(list)
     for i, g in enumerate(groups):
         components[find(i)].append(g)
@@ -622,15 +602,8 @@ def merge_sharing(groups: list[PermutationGroup], axes: set[tuple[str, int]] | N
     return merged, refused
 
 
-def head_groups(search: AttentionSearch, probe: nn.Module, example_inputs: Any, seed: int,
-                exclude: Collection[str] = ()) -> tuple[list[PermutationGroup], list[SkippedGroup]]:
-    """Every head group of the layouts found, checked structurally on ``probe`` (the float64 copy).
-
-    Returns the groups that keep the function and the refused ones with their reasons.
-    """
-    from ..checks import model_device
-    from .verify import _Verifier
-
+def head_groups(search: AttentionSearch, exclude: Collection[str] = ()) -> tuple[list[PermutationGroup], list[SkippedGroup]]:
+    """Every head group of the layouts found (not yet verified), and the refused ones with reasons."""
     groups, skipped = [], list(search.refused)
     for layout in search.layouts:
         if layout.producers and layout.producers[0] in exclude:
@@ -641,17 +614,19 @@ def head_groups(search: AttentionSearch, probe: nn.Module, example_inputs: Any, 
     tables = {(k, a) for layout in search.layouts for k, a, _ in layout.tables}
     whole, refused = merge_sharing([g for g in groups if g.kind == "heads"], tables)
     skipped.extend(refused)
-    groups = whole + [g for g in groups if g.kind != "heads"]
-    if groups:
-        verifier = _Verifier(probe, move_inputs(example_inputs, model_device(probe), torch.float64), seed)
-        failing = verifier.failing(groups)
-        for g in groups:
-            if g.name in failing:
-                what = {"heads": "whole heads (a per-head quantity is not stored in the model, e.g. ALiBi slopes "
-                                 "computed from the head index)",
-                        "head_qk": "query/key dims (a position-dependent op such as a rotary embedding acts on them)",
-                        "head_v": "value dims"}[g.kind]
-                skipped.append(SkippedGroup(g.name, g.size, f"permuting {what} changed the float64 structural copy's "
-                                            f"output (relative difference {failing[g.name]:.1e})"))
-        groups = [g for g in groups if g.name not in failing]
-    return groups, skipped
+    return whole + [g for g in groups if g.kind != "heads"], skipped
+
+
+_FAILED = {
+    "heads": "whole heads (a per-head quantity is not stored in the model, e.g. ALiBi slopes computed from the head index)",
+    "head_qk": "query/key dims (a position-dependent op such as a rotary embedding acts on them)",
+    "head_v": "value dims",
+}
+
+
+def head_refusal(skipped: SkippedGroup, kind: str) -> SkippedGroup:
+    """A verification refusal of a head group, with what permuting it means."""
+    if kind not in _FAILED:
+        return skipped
+    return SkippedGroup(skipped.name, skipped.size, f"permuting {_FAILED[kind]} changed the function: {skipped.reason}",
+                        skipped.kind)
