@@ -22,6 +22,7 @@ setup(
         if line.strip() and not line.startswith("#")
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "pyyaml>=5", "transformers>=4.40", "timm>=0.9"],
-                    "yaml": ["pyyaml>=5"], "hf": ["transformers>=4.40", "timm>=0.9"]},
+                    "yaml": ["pyyaml>=5"], "hf": ["transformers>=4.40", "timm>=0.9"],
+                    "mlflow": ["mlflow-skinny>=2.10"]},
     entry_points={"console_scripts": ["fusion=fusion.cli:main"]},
 )

@@ -39,16 +39,16 @@ _EXPORTS = {
         "fuse_iterative", "interpolate", "merge", "merge_with_alignments", "ot_fusion", "repair", "reset_bn_stats",
     ),
     ".inspect": (
-        "BendedModule", "BendingConfig", "Inspector", "Mask", "Noise", "Permute", "Scale", "fit_stitch", "stitch",
+        "BendedModule", "BendingConfig", "Inspector", "Mask", "Noise", "Permute", "Scale", "fit_stitch",
+        "merge_graph_modules", "set_output", "stitch",
     ),
     ".permute": (
         "check_permutations", "compose_permutations", "identity_permutation", "inverse_permutation", "layer_group",
         "permute", "permute_layer", "permute_state_dict", "random_permutation", "swap_neurons", "verify_equivalence",
     ),
-    ".spec": ("AxisMember", "PermutationGroup", "PermutationSpec", "SkippedGroup", "permutation_spec",
-              "structural_difference"),
+    ".spec": ("AxisMember", "PermutationGroup", "PermutationSpec", "SkippedGroup", "permutation_spec", "structural_difference"),
 }
-_SUBMODULES = ("analysis", "checkpoint", "data", "errors", "models", "neuronswap")
+_SUBMODULES = ("analysis", "checkpoint", "data", "errors", "layers", "models", "neuronswap", "tracking")
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES)
 
 __version__ = "0.1.0"
@@ -59,8 +59,10 @@ __all__ = [
     "checkpoint",
     "data",
     "errors",
+    "layers",
     "models",
     "neuronswap",
+    "tracking",
     *errors.__all__,
     # spec and permutations
     "AxisMember",
@@ -137,4 +139,6 @@ __all__ = [
     "Noise",
     "stitch",
     "fit_stitch",
+    "set_output",
+    "merge_graph_modules",
 ]

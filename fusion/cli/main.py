@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import FusionError
+from ..tracking import tracking_run
 from .config import _config_defaults, _read_config
 from .options import (
     ALIGN_METHODS,
@@ -217,7 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sub.set_defaults(**_config_defaults(sub, _read_config(args.config), args.config))
             args = parser.parse_args(argv)
         _configure(args)
-        return int(args.func(args) or 0)
+        uri = args.mlflow_uri if getattr(args, "mlflow", False) else None
+        with tracking_run(uri, getattr(args, "mlflow_experiment", None) or args.command,
+                          params={k: v for k, v in vars(args).items() if k not in ("func", "subparser")}):
+            return int(args.func(args) or 0)
     except (FusionError, OSError) as exc:
         print(f"fusion: error: {_one_line(exc)}", file=sys.stderr)
         return 1

@@ -9,6 +9,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..tracking import add_tracking_options
+
 ALIGN_METHODS = ("weight", "activation", "ot")
 FUSE_METHODS = ("average", "merge", "merge-repair", "ot", "transplant")
 DISTANCE_METRICS = ("normalized_l2", "relative", "raw_l2")
@@ -79,6 +81,7 @@ def _common_options() -> argparse.ArgumentParser:
     group.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     group.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    add_tracking_options(parent)
     return parent
 
 

@@ -22,6 +22,7 @@ from ..checkpoint import (
 from ..data import DataSplit, example_batch, get_data, make_loaders
 from ..errors import DataError
 from ..external import example_inputs_for
+from ..tracking import active_tracker
 
 
 class _Session:
@@ -132,3 +133,4 @@ def _echo(text: str) -> None:
 def _wrote(paths: Sequence[Path]) -> None:
     for path in paths:
         _echo(f"wrote {path}")
+    active_tracker().log_files(paths)

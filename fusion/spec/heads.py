@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..checks import move_inputs, run_model
 from .hf_layers import linear_axes
@@ -151,33 +153,42 @@ class _Capture:
 
 
 def _capture_linears(work: nn.Module, inputs: Any) -> dict[str, _Capture]:
-    """Run ``work`` once; every linear-like module's output becomes a leaf, its input is kept."""
+    """Run ``work`` once; every linear-like module's output becomes a leaf, its input is kept.
+
+    ``nn.Linear`` weights are caught wherever ``F.linear`` reads them, so attention code that calls
+    its projections functionally (torchvision's Swin) is read like any other; other linear-like
+    modules (``Conv1D``, linears with their own forward) through module hooks. The first call wins.
+    """
     captures = {name: _Capture(m) for name, m in work.named_modules() if linear_axes(m) is not None}
     inside_mha = {f"{n}.{c}" for n, m in work.named_modules() if isinstance(m, nn.MultiheadAttention)
                   for c, _ in m.named_modules() if c}
     for name in inside_mha:
         captures.pop(name, None)
-    handles = []
+    functional = {id(c.module.weight): c for c in captures.values() if type(c.module).forward is nn.Linear.forward}
 
-    def pre_hook(cap: _Capture):
-        def hook(module, args):
-            if args and isinstance(args[0], torch.Tensor) and cap.input is None:
-                cap.input = args[0]
-        return hook
+    def capture(cap: _Capture, x: Any, output: Any) -> Any:
+        if not isinstance(output, torch.Tensor) or cap.output is not None:
+            return None
+        cap.input = x if isinstance(x, torch.Tensor) else None
+        cap.output = output.detach().requires_grad_(True)
+        return cap.output.clone()  # a non-leaf: the model may write into it (Falcon's fused qkv)
 
-    def hook(cap: _Capture):
-        def fn(module, args, output):
-            if not isinstance(output, torch.Tensor) or cap.output is not None:
-                return None  # a module called twice keeps its first call
-            cap.output = output.detach().requires_grad_(True)
-            return cap.output.clone()  # a non-leaf: the model may write into it (Falcon's fused qkv)
-        return fn
+    class _Linears(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func in (F.linear, torch._C._nn.linear):
+                weight = args[1] if len(args) > 1 else kwargs.get("weight")
+                cap = functional.get(id(weight))
+                if cap is not None:
+                    replaced = capture(cap, args[0] if args else kwargs.get("input"), out)
+                    return out if replaced is None else replaced
+            return out
 
-    for cap in captures.values():
-        handles.append(cap.module.register_forward_pre_hook(pre_hook(cap)))
-        handles.append(cap.module.register_forward_hook(hook(cap)))
+    handles = [c.module.register_forward_hook(lambda m, a, out, c=c: capture(c, a[0] if a else None, out))
+               for c in captures.values() if id(c.module.weight) not in functional]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _Linears():
             run_model(work, inputs)
     finally:
         for handle in handles:
@@ -618,7 +629,8 @@ def head_groups(search: AttentionSearch, exclude: Collection[str] = ()) -> tuple
 
 
 _FAILED = {
-    "heads": "whole heads (a per-head quantity is not stored in the model, e.g. ALiBi slopes computed from the head index)",
+    "heads": "whole heads (a per-head quantity the layout does not move, e.g. ALiBi slopes computed from the head "
+             "index, or a bias assembled outside the projection)",
     "head_qk": "query/key dims (a position-dependent op such as a rotary embedding acts on them)",
     "head_v": "value dims",
 }

@@ -11,10 +11,12 @@ library is never imported here.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
-from torch_pruning.pruner.function import BasePruningFunc
+
+from .._lazy import tp
 
 
 def is_transposed_linear(module: nn.Module) -> bool:
@@ -41,7 +43,7 @@ def transposed_linear_rule(module: nn.Module, is_out: bool) -> list[tuple[str, i
     return [("weight", 0)]
 
 
-class _TransposedLinearGraph(BasePruningFunc):
+class _TransposedLinearGraph(tp.pruner.function.BasePruningFunc):
     """Channel counts of a ``Conv1D`` for torch-pruning's graph (fusion never prunes)."""
 
     TARGET_MODULES = None
@@ -59,6 +61,6 @@ class _TransposedLinearGraph(BasePruningFunc):
         return int(layer.weight.shape[0])
 
 
-def customized_pruners(model: nn.Module) -> dict[type, BasePruningFunc]:
+def customized_pruners(model: nn.Module) -> dict[type, Any]:
     """torch-pruning pruners for the transposed linear classes used in ``model``."""
     return {type(m): _TransposedLinearGraph() for m in model.modules() if is_transposed_linear(m)}
