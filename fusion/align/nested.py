@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -249,13 +248,6 @@ def nested_similarity(
     return _pair_values(rows_a, rows_b, slots)
 
 
-def _solve(similarity: torch.Tensor) -> torch.Tensor:
-    rows, cols = linear_sum_assignment(similarity.numpy(), maximize=True)
-    perm = torch.empty(similarity.shape[0], dtype=torch.long)
-    perm[torch.as_tensor(rows)] = torch.as_tensor(np.asarray(cols), dtype=torch.long)
-    return perm
-
-
 def solve_family(
     spec: PermutationSpec,
     root: str,
@@ -273,7 +265,7 @@ def solve_family(
     Returns:
         group name -> permutation, for ``root`` and its descendants.
     """
-    from .weight import group_similarity
+    from .weight import group_similarity, solve_assignment
 
     current = dict(perms)
     order = [root, *tree.descendants(root)]
@@ -287,5 +279,5 @@ def solve_family(
             similarity = nested_similarity(spec, group, slots, state_a, state_b, current, keys)
         else:
             similarity = group_similarity(spec, group, state_a, state_b, current, keys)
-        current[name] = solved[name] = _solve(similarity)
+        current[name] = solved[name] = solve_assignment(similarity)
     return solved
