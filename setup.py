@@ -23,6 +23,7 @@ setup(
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "pyyaml>=5", "transformers>=4.40", "timm>=0.9"],
                     "yaml": ["pyyaml>=5"], "hf": ["transformers>=4.40", "timm>=0.9"],
-                    "mlflow": ["mlflow-skinny>=2.10"]},
+                    "mlflow": ["mlflow-skinny>=2.10"],
+                    "merge": ["pyyaml>=5", "safetensors>=0.4", "transformers>=4.40"]},
     entry_points={"console_scripts": ["fusion=fusion.cli:main"]},
 )
