@@ -117,3 +117,28 @@ def test_ex05_stitching_and_cka_by_depth(load, tmp_path) -> None:
         assert row["cka"]["A vs B"] == pytest.approx(row["cka"]["A vs aligned B"], abs=1e-6)  # CKA ignores permutations
         assert 0.0 <= row["stitch_linear"] <= 1.0
     _png(tmp_path / "stitching_by_depth.png")
+
+
+@pytest.mark.slow
+def test_ex06_transformer_fusion_reports_barriers_with_heads_on_and_off(load, tmp_path) -> None:
+    results = load("ex06_transformer_fusion").main(["--quick", "--quiet", "--output-dir", str(tmp_path)])
+    assert set(results["barrier"]) == {"naive", *(f"{m} (heads {s})" for m in ("weight", "activation")
+                                                  for s in ("on", "off"))}
+    assert results["groups"]["heads on"] > results["groups"]["heads off"] > 0
+    labels = {row["method"] for row in results["fusion"]["2"]}
+    assert {"ensemble", "merge-repair", "ot", "transplant", "transplant + ft"} <= labels
+    assert all(row["loss"] < results["uniform_loss"] for row in results["fusion"]["2"])
+    _png(tmp_path / "barriers.png")
+
+
+def test_ex07_writes_the_transformers_coverage_table_into_the_readme(load, tmp_path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("timm")
+    readme = tmp_path / "README.md"
+    readme.write_text("# T\n\n<!-- transformers:start -->\nold\n<!-- transformers:end -->\n")
+    results = load("ex07_transformer_coverage").main(["--models", "gpt2", "llama", "--quiet", "--output-dir",
+                                                      str(tmp_path / "out"), "--update-readme", str(readme)])
+    rows = {r["model"]: r for r in results["rows"]}
+    assert rows["llama"]["kinds"]["heads"] > 0 and rows["gpt2"]["kinds"]["head dims"] > 0
+    assert results["worst_structural"] < 1e-5
+    assert "| llama |" in readme.read_text() and "old" not in readme.read_text()
