@@ -5,7 +5,9 @@ the same function at another point of weight space. A Bézier curve (Garipov et 
 the original to the swapped network shows how the loss landscape connects the two: if only the
 swapped layer moves along the curve the correction is *local*; if every layer moves, *global*.
 
-A VGG-style model (``fusion.models.VGGSmall``, digits upsampled to 16x16) is trained from ``seed``. For
+A VGG-style model (``fusion.models.VGGSmall``, digits upsampled to 16x16) is trained from ``seed``; on
+mnist1d the 1-D residual CNN ``fusion.models.ResNet1d`` (width 16, BatchNorm), whose swaps are made inside
+the residual blocks (units read by one convolution only, not the residual streams). For
 an early, a middle and a late convolution two random units are swapped (``fusion.swap_neurons``), the
 swap is checked to preserve the function on the test set (``fusion.verify_equivalence``), and a curve
 with one trained control point is fitted from the original to the swapped model, then evaluated at 61
@@ -43,16 +45,19 @@ from fusion import (
 )
 from fusion.analysis.io import save_json
 from fusion.checkpoint import save_model
-from fusion.models import VGGSmall
+from fusion.models import ResNet1d, VGGSmall
 
 NAME = "ex01_neuron_swap_curves"
 DEPTHS = ("early", "mid", "late")
 
 
 def conv_layers(model: nn.Module, spec: Any) -> list[str]:
-    """Convolutions that produce a permutable group, in order."""
+    """Convolutions that produce a permutable group, in order; only those whose group has one producer
+    (not a residual stream) when there are at least three of them."""
     modules = dict(model.named_modules())
-    return [g.name for g in spec.groups if g.kind == "channels" and isinstance(modules.get(g.name), nn.Conv2d)]
+    groups = [g for g in spec.groups if g.kind == "channels" and isinstance(modules.get(g.name), nn.modules.conv._ConvNd)]
+    single = [g for g in groups if len(g.producers) == 1]
+    return [g.name for g in (single if len(single) >= 3 else groups)]
 
 
 def touched_modules(group: Any) -> list[str]:
@@ -75,7 +80,9 @@ def body(run: common.Run) -> dict[str, Any]:
     calibration = list(itertools.islice(run.train, 4)) if quick else run.train  # BatchNorm statistics at each point
     channels = run.split.input_shape[0]
 
-    def build() -> VGGSmall:
+    def build() -> nn.Module:
+        if len(run.split.input_shape) == 2:  # signals (C, L): mnist1d
+            return ResNet1d(channels, width=16, num_classes=run.split.num_classes)
         return VGGSmall(in_channels=channels, widths=(16, 32, 64), hidden=(64,), num_classes=run.split.num_classes)
 
     (original,) = run.members(build, 1, epochs, lr=3e-3)
