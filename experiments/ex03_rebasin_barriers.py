@@ -134,7 +134,7 @@ def plot_family(run: common.Run, family: str, rows: list[dict[str, Any]]) -> Non
 def body(run: common.Run) -> dict[str, Any]:
     quick = run.args.quick
     families = run.args.families or (FAMILIES if run.split.name == "mnist1d" else ("mlp",))
-    widths = run.args.widths or ((1, 4) if quick else (1, 2, 4, 8))
+    widths = run.args.widths or ((1, 2) if quick else (1, 2, 4, 8))
     steps = 5 if quick else 11
     rows = []
     budget = {}
@@ -153,7 +153,7 @@ def body(run: common.Run) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the experiment (see the module docstring) and return its results."""
     parser = common.parent_parser(NAME, __doc__.splitlines()[0])
-    parser.add_argument("--widths", type=int, nargs="+", help="width multipliers (default 1 2 4 8; quick: 1 4)")
+    parser.add_argument("--widths", type=int, nargs="+", help="width multipliers (default 1 2 4 8; quick: 1 2)")
     parser.add_argument("--families", nargs="+", choices=FAMILIES,
                         help="network families (default: mlp on digits, all on mnist1d)")
     return common.run_experiment(parser, body, argv)
