@@ -42,7 +42,8 @@ def parent_parser(name: str, description: str) -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a reduced budget that finishes in about a minute")
     parser.add_argument("--dataset", default="digits", choices=DATASETS, help="data set (digits is embedded)")
-    parser.add_argument("--data-root", type=Path, default=None, help="folder of the cifar10/cifar100/mnist files")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="folder of the cifar10/cifar100/mnist files (mnist1d: its cache, default ~/.cache/fusion/mnist1d)")
     parser.add_argument("--output-dir", type=Path, default=Path("results") / name, help="where results are written")
     parser.add_argument("--seed", type=int, default=0, help="base seed (members use seed, seed + 1, ...)")
     parser.add_argument("--threads", type=int, default=1,
