@@ -244,20 +244,17 @@ class ResNet1d(SmallResNet):
     (except the first); ``norm`` chooses BatchNorm (``"batch"``), a LayerNorm over channels and
     length (``"layer"``: ``GroupNorm(1, C)``) or none.
 
+    Takes :class:`SmallResNet`'s arguments (``in_channels``, ``width``, ``num_blocks``, ``num_classes``,
+    ``width_multiplier``, ``norm``) except ``dims``, which is 1.
+
     Shapes:
         ``(N, in_channels, L)`` -> ``(N, num_classes)``.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 1,
-        width: int = 16,
-        num_blocks: Sequence[int] = (1, 1, 1),
-        num_classes: int = 10,
-        width_multiplier: float = 1.0,
-        norm: str = "batch",
-    ) -> None:
-        super().__init__(in_channels, width, num_blocks, num_classes, width_multiplier, norm=norm, dims=1)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if "dims" in kwargs:
+            raise TypeError("ResNet1d is one-dimensional: it takes no dims argument")
+        super().__init__(*args, **kwargs, dims=1)
 
 
 #: Constructors by the names :func:`build_model` accepts.
