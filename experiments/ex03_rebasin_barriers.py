@@ -9,7 +9,7 @@ this removes 60-100% of the barrier that remains after alignment in normalised C
 Families (``--families``; default ``mlp`` on digits, all three on mnist1d):
 
 * ``mlp``: an MLP with hidden widths ``32 x m`` three times;
-* ``cnn-bn``: the 1-D residual CNN :class:`fusion.models.ResNet1d` with BatchNorm, stem width ``16 x m``
+* ``cnn-bn``: the 1-D residual CNN :class:`fusion.models.ResNet1d` with BatchNorm, stage widths ``8m, 16m, 32m``
   (needs 1-D inputs: mnist1d);
 * ``cnn-ln``: the same CNN with a LayerNorm over channels and length (``GroupNorm(1, C)``).
 
@@ -55,8 +55,8 @@ def builder(family: str, split: Any, width: int) -> tuple[Callable[[], nn.Module
         raise DataError(f"family {family!r} is a 1-D CNN for signals (N, C, L) such as mnist1d; {split.name} inputs "
                         f"have shape {split.input_shape}")
     norm = {"cnn-bn": "batch", "cnn-ln": "layer"}[family]
-    return (lambda: ResNet1d(split.input_shape[0], width=16, num_classes=split.num_classes, width_multiplier=width,
-                             norm=norm)), [16 * width, 32 * width, 64 * width]
+    return (lambda: ResNet1d(split.input_shape[0], width=8, num_classes=split.num_classes, width_multiplier=width,
+                             norm=norm)), [8 * width, 16 * width, 32 * width]
 
 
 def repaired_curve(model_a: Any, model_b: Any, test: Any, calibration: Any, steps: int,
@@ -121,7 +121,7 @@ def plot_family(run: common.Run, family: str, rows: list[dict[str, Any]]) -> Non
     labels = list(rows[0]["barrier"])
     styles = {label: "--s" if REPAIR in label else (":^" if BN_RESET in label else "-o") for label in labels}
     x = [r["width_multiplier"] for r in rows]
-    xlabel = "width multiplier m (hidden = 32 m)" if family == "mlp" else "width multiplier m (channels = 16 m, 32 m, 64 m)"
+    xlabel = "width multiplier m (hidden = 32 m)" if family == "mlp" else "width multiplier m (channels = 8 m, 16 m, 32 m)"
     common.line_plot(run.out / f"barrier_vs_width_{family}.png", [
         {"x": x, "series": {k: [r["barrier"][k] for r in rows] for k in labels}, "styles": styles, "logx": True,
          "xlabel": xlabel, "ylabel": "loss barrier", "title": "loss barrier"},
@@ -140,8 +140,8 @@ def body(run: common.Run) -> dict[str, Any]:
     budget = {}
     for family in families:
         mlp = family == "mlp"
-        epochs = 5 if quick else (20 if mlp and run.split.name == "digits" else (40 if mlp else 12))
-        num_batches = 4 if quick else (None if mlp else 16)  # calibration batches for alignment, BN reset and REPAIR
+        epochs = 5 if quick else (20 if mlp and run.split.name == "digits" else (40 if mlp else 10))
+        num_batches = 4 if quick else (None if mlp else 8)  # calibration batches for alignment, BN reset and REPAIR
         budget[family] = {"epochs": epochs, "calibration_batches": num_batches}
         family_rows = [width_row(run, family, width, epochs, steps, num_batches) for width in widths]
         plot_family(run, family, family_rows)
