@@ -20,7 +20,8 @@ at every point (``fusion.repair`` with the endpoints weighted ``1 - alpha`` and 
 networks are also measured with their statistics reset at every point (Git Re-Basin's "BN reset"),
 which is the baseline REPAIR is compared with for them. ``repair_reduction`` is
 ``1 - barrier(X + REPAIR) / barrier(X)`` for each alignment X (X with BN reset for BatchNorm networks).
-Outputs: ``results.json`` (all curves and barriers) and ``barrier_vs_width_<family>.png``.
+Outputs: ``results.json`` (all curves and barriers; ``partial.json`` holds the widths finished so far)
+and ``barrier_vs_width_<family>.png``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 
 from fusion import align, evaluate, interpolate, interpolation_curve, repair
 from fusion.analysis.interpolation import InterpolationCurve
+from fusion.analysis.io import save_json
 from fusion.errors import DataError
 from fusion.models import MLP, ResNet1d
 
@@ -143,7 +145,10 @@ def body(run: common.Run) -> dict[str, Any]:
         epochs = 5 if quick else (20 if mlp and run.split.name == "digits" else (40 if mlp else 10))
         num_batches = 4 if quick else (None if mlp else 8)  # calibration batches for alignment, BN reset and REPAIR
         budget[family] = {"epochs": epochs, "calibration_batches": num_batches}
-        family_rows = [width_row(run, family, width, epochs, steps, num_batches) for width in widths]
+        family_rows = []
+        for width in widths:  # each finished width is kept in partial.json, for a run that is interrupted
+            family_rows.append(width_row(run, family, width, epochs, steps, num_batches))
+            save_json({"rows": rows + family_rows, "budget": budget}, run.out / "partial.json")
         plot_family(run, family, family_rows)
         rows += family_rows
     return {"experiment": NAME, "dataset": run.split.name, "families": list(families), "widths": list(widths),
