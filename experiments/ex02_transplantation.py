@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from fusion import concat_models, ensemble_evaluate, evaluate, fuse_ensemble, merge
+from fusion.analysis.io import save_json
 from fusion.demo import FUSION_METHODS, compare_methods, format_table, fuse_models
 from fusion.errors import DataError
 from fusion.fuse import finetune, finetune_with_history
@@ -203,8 +204,11 @@ def body(run: common.Run) -> dict[str, Any]:
     if "cnn" in families and len(run.split.input_shape) != 2:
         raise DataError(f"family 'cnn' is a 1-D CNN for signals (N, C, L) such as mnist1d; {run.split.name} inputs "
                         f"have shape {run.split.input_shape}")
-    return {"experiment": NAME, "dataset": run.split.name,
-            "families": {family: family_study(run, family) for family in families}}
+    results: dict[str, Any] = {"experiment": NAME, "dataset": run.split.name, "families": {}}
+    for family in families:  # each finished family is kept in partial.json, for a run that is interrupted
+        results["families"][family] = family_study(run, family)
+        save_json(results, run.out / "partial.json")
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
