@@ -21,6 +21,7 @@ setup(
         for line in (here / "requirements.txt").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "pyyaml>=5"], "yaml": ["pyyaml>=5"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "pyyaml>=5"], "yaml": ["pyyaml>=5"],
+                    "mlflow": ["mlflow-skinny>=2.10"]},
     entry_points={"console_scripts": ["fusion=fusion.cli:main"]},
 )

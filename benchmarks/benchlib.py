@@ -51,7 +51,7 @@ def base_parser(topic: str, description: str) -> argparse.ArgumentParser:
     stable on a shared machine), ``--repeat`` (timed runs per measurement; the minimum is reported)
     and ``--seed``.
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="small configuration (smoke test, seconds)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / f"bench_{topic}",
                         help=f"folder of the JSON report (default: results/bench_{topic})")

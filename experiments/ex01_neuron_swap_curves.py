@@ -6,9 +6,10 @@ the original to the swapped network shows how the loss landscape connects the tw
 swapped layer moves along the curve the correction is *local*; if every layer moves, *global*.
 
 A VGG-style model (``fusion.models.VGGSmall``, digits upsampled to 16x16) is trained from ``seed``; on
-mnist1d the 1-D residual CNN ``fusion.models.ResNet1d`` (width 16, BatchNorm), whose swaps are made inside
-the residual blocks (units read by one convolution only, not the residual streams). For
-an early, a middle and a late convolution two random units are swapped (``fusion.swap_neurons``), the
+mnist1d the 1-D residual CNN ``fusion.models.ResNet1d`` (width 16, BatchNorm). For
+an early, a middle and a late convolution (``fusion.neuronswap.layer_at_depth``, as ``fusion swap --depth``:
+block 0 layer 0, layer 1 of the middle block, layer 1 of the last block; VGGSmall's blocks hold one
+convolution each) two random units are swapped (``fusion.swap_neurons``), the
 swap is checked to preserve the function on the test set (``fusion.verify_equivalence``), and a curve
 with one trained control point is fitted from the original to the swapped model, then evaluated at 61
 points (loss, accuracy and the distance of every layer from the original under all three metrics).
@@ -30,7 +31,6 @@ from typing import Any
 import excommon as common
 import numpy as np
 import torch
-from torch import nn
 
 from fusion import (
     animate_layer_distances,
@@ -46,18 +46,9 @@ from fusion import (
 from fusion.analysis.io import save_json
 from fusion.checkpoint import save_model
 from fusion.models import ResNet1d, VGGSmall
+from fusion.neuronswap import DEPTHS, layer_at_depth
 
 NAME = "ex01_neuron_swap_curves"
-DEPTHS = ("early", "mid", "late")
-
-
-def conv_layers(model: nn.Module, spec: Any) -> list[str]:
-    """Convolutions that produce a permutable group, in order; only those whose group has one producer
-    (not a residual stream) when there are at least three of them."""
-    modules = dict(model.named_modules())
-    groups = [g for g in spec.groups if g.kind == "channels" and isinstance(modules.get(g.name), nn.modules.conv._ConvNd)]
-    single = [g for g in groups if len(g.producers) == 1]
-    return [g.name for g in (single if len(single) >= 3 else groups)]
 
 
 def touched_modules(group: Any) -> list[str]:
@@ -80,7 +71,7 @@ def body(run: common.Run) -> dict[str, Any]:
     calibration = list(itertools.islice(run.train, 4)) if quick else run.train  # BatchNorm statistics at each point
     channels = run.split.input_shape[0]
 
-    def build() -> nn.Module:
+    def build() -> torch.nn.Module:
         if len(run.split.input_shape) == 2:  # signals (C, L): mnist1d
             return ResNet1d(channels, width=16, num_classes=run.split.num_classes)
         return VGGSmall(in_channels=channels, widths=(16, 32, 64), hidden=(64,), num_classes=run.split.num_classes)
@@ -88,8 +79,7 @@ def body(run: common.Run) -> dict[str, Any]:
     (original,) = run.members(build, 1, epochs, lr=3e-3)
     save_model(original, run.out / "original" / "checkpoint.pt")
     spec = permutation_spec(original, run.example_inputs)
-    convs = conv_layers(original, spec)
-    layers = dict(zip(DEPTHS, (convs[0], convs[len(convs) // 2], convs[-1])))
+    layers = {depth: layer_at_depth(original, depth, run.example_inputs, spec) for depth in DEPTHS}
     test_inputs = torch.cat([x for x, _ in run.test])
     baseline = evaluate(original, run.test)
     generator = torch.Generator().manual_seed(run.args.seed)

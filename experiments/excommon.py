@@ -2,8 +2,11 @@
 
 Every experiment is a script ``exNN_<name>.py`` with a ``main(argv) -> dict`` that parses
 :func:`parent_parser`'s options (``--quick``, ``--dataset``, ``--data-root``, ``--output-dir``,
-``--seed``, ``--threads``, ``--quiet``), writes JSON and plots under ``results/exNN_<name>/`` (or
-``--output-dir``) and returns its results. Run one with ``python experiments/ex03_rebasin_barriers.py --quick``.
+``--seed``, ``--threads``, ``--quiet``, ``--mlflow``), writes JSON and plots under
+``results/exNN_<name>/`` (or ``--output-dir``) and returns its results. With ``--mlflow`` the run's
+options, result numbers (lists as per-step series) and files also go to an MLflow run
+(:mod:`fusion.tracking`; experiment = script name). Run one with
+``python experiments/ex03_rebasin_barriers.py --quick``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from fusion.analysis.io import atomic_path, save_json  # noqa: E402
 from fusion.data import DATASETS, DataSplit, example_batch, get_data, make_loaders  # noqa: E402
 from fusion.demo import train_models  # noqa: E402
 from fusion.errors import FusionError  # noqa: E402
+from fusion.tracking import active_tracker, add_tracking_options, tracking_run  # noqa: E402
 
 __all__ = ["Run", "line_plot", "load_split", "parent_parser", "run_experiment", "script_main", "train_models"]
 
@@ -39,7 +43,7 @@ __all__ = ["Run", "line_plot", "load_split", "parent_parser", "run_experiment", 
 def parent_parser(name: str, description: str) -> argparse.ArgumentParser:
     """The options every experiment shares; ``name`` (``"ex03_rebasin_barriers"``) sets the default output folder."""
     parser = argparse.ArgumentParser(prog=f"{name}.py", description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="a reduced budget that finishes in about a minute")
     parser.add_argument("--dataset", default="digits", choices=DATASETS, help="data set (digits is embedded)")
     parser.add_argument("--data-root", type=Path, default=None,
@@ -53,6 +57,7 @@ def parent_parser(name: str, description: str) -> argparse.ArgumentParser:
                         help="mnist1d: signals generated, 80%% for training (5000: the standard 4000/1000 split; "
                              "12500: 10 000 training signals)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_tracking_options(parser)
     return parser
 
 
@@ -79,6 +84,7 @@ class Run:
     split: DataSplit | None
     batch_size: int = 64
     started: float = field(default_factory=time.perf_counter)
+    started_wall: float = field(default_factory=lambda: time.time() - 1.0)  # file times may be coarse
 
     def __post_init__(self) -> None:
         self.train = self.test = self.example_inputs = None
@@ -113,6 +119,8 @@ class Run:
                             "threads": torch.get_num_threads()},
         }
         path = save_json(results, self.out / name)
+        written = [f for f in sorted(self.out.rglob("*")) if f.is_file() and f.stat().st_mtime >= self.started_wall]
+        active_tracker().log_files(written)
         if self.progress:
             print(f"wrote {path} ({results['seconds']:.1f} s)", flush=True)
         return results
@@ -130,8 +138,11 @@ def run_experiment(parser: argparse.ArgumentParser, body: Callable[[Run], dict[s
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch_pruning")
     logging.basicConfig(level=logging.WARNING)
-    run = Run(args, load_split(args, **split_kwargs) if needs_data else None, batch_size=batch_size)
-    return run.finish(body(run))
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    experiment = args.mlflow_experiment or parser.prog.removesuffix(".py")
+    with tracking_run(args.mlflow_uri if args.mlflow else None, experiment, params=settings):
+        run = Run(args, load_split(args, **split_kwargs) if needs_data else None, batch_size=batch_size)
+        return run.finish(body(run))
 
 
 def script_main(main: Callable[[Sequence[str] | None], Any]) -> None:

@@ -16,79 +16,40 @@ everything else is built on it:
 
 from __future__ import annotations
 
-from . import analysis, checkpoint, data, errors, models
-from .align import Alignment, align, align_many
-from .analysis import (
-    METRICS,
-    BezierCurve,
-    CurveEvaluation,
-    InterpolationCurve,
-    LayerDistances,
-    animate_layer_distances,
-    barrier,
-    evaluate_curve,
-    interpolation_curve,
-    layer_distances,
-    plot_distance_heatmap,
-    plot_interpolation,
-    train_bezier_curve,
-)
-from .analysis.similarity import (
-    SimilarityResult,
-    linear_cka,
-    matched_correlation,
-    procrustes_distance,
-    representation_similarity,
-)
-from .checkpoint import build_architecture, load_model, save_model
-from .coverage import Coverage, permutation_coverage
-from .errors import *
-from .evaluate import Evaluation, ensemble_evaluate, evaluate
-from .fuse import (
-    MergeResult,
-    average,
-    concat_models,
-    finetune,
-    fuse_ensemble,
-    fuse_hierarchical,
-    fuse_iterative,
-    interpolate,
-    merge,
-    merge_with_alignments,
-    ot_fusion,
-    repair,
-    reset_bn_stats,
-)
-from .inspect import (
-    BendedModule,
-    BendingConfig,
-    Inspector,
-    Mask,
-    Noise,
-    Permute,
-    Scale,
-    fit_stitch,
-    stitch,
-)
-from .permute import (
-    check_permutations,
-    compose_permutations,
-    identity_permutation,
-    inverse_permutation,
-    permute,
-    permute_layer,
-    permute_state_dict,
-    random_permutation,
-    swap_neurons,
-    verify_equivalence,
-)
-from .spec import (
-    AxisMember,
-    PermutationGroup,
-    PermutationSpec,
-    SkippedGroup,
-    permutation_spec,
-)
+from . import errors
+from ._lazy import lazy_exports
+
+# Public names by the module defining them, imported on first use (``fusion --help`` starts without torch).
+_EXPORTS = {
+    ".errors": tuple(errors.__all__),
+    ".align": ("Alignment", "align", "align_many"),
+    ".analysis": (
+        "METRICS", "BezierCurve", "CurveEvaluation", "InterpolationCurve", "LayerDistances",
+        "animate_layer_distances", "barrier", "evaluate_curve", "interpolation_curve", "layer_distances",
+        "plot_distance_heatmap", "plot_interpolation", "train_bezier_curve",
+    ),
+    ".analysis.similarity": (
+        "SimilarityResult", "linear_cka", "matched_correlation", "procrustes_distance", "representation_similarity",
+    ),
+    ".checkpoint": ("build_architecture", "load_model", "save_model"),
+    ".coverage": ("Coverage", "permutation_coverage"),
+    ".evaluate": ("Evaluation", "ensemble_evaluate", "evaluate"),
+    ".fuse": (
+        "MergeResult", "average", "concat_models", "finetune", "fuse_ensemble", "fuse_hierarchical",
+        "fuse_iterative", "interpolate", "merge", "merge_with_alignments", "ot_fusion", "repair", "reset_bn_stats",
+    ),
+    ".inspect": (
+        "BendedModule", "BendingConfig", "Inspector", "Mask", "Noise", "Permute", "Scale", "fit_stitch",
+        "merge_graph_modules", "set_output", "stitch",
+    ),
+    ".permute": (
+        "check_permutations", "compose_permutations", "identity_permutation", "inverse_permutation", "layer_group",
+        "permute", "permute_layer", "permute_state_dict", "random_permutation", "swap_neurons", "verify_equivalence",
+    ),
+    ".spec": ("AxisMember", "PermutationGroup", "PermutationSpec", "SkippedGroup", "permutation_spec"),
+}
+_SUBMODULES = ("analysis", "checkpoint", "data", "errors", "layers", "models", "neuronswap", "tracking")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES)
 
 __version__ = "0.1.0"
 
@@ -98,7 +59,10 @@ __all__ = [
     "checkpoint",
     "data",
     "errors",
+    "layers",
     "models",
+    "neuronswap",
+    "tracking",
     *errors.__all__,
     # spec and permutations
     "AxisMember",
@@ -110,6 +74,7 @@ __all__ = [
     "permute_state_dict",
     "permute_layer",
     "swap_neurons",
+    "layer_group",
     "random_permutation",
     "identity_permutation",
     "inverse_permutation",
@@ -173,4 +138,6 @@ __all__ = [
     "Noise",
     "stitch",
     "fit_stitch",
+    "set_output",
+    "merge_graph_modules",
 ]

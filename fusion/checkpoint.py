@@ -9,8 +9,10 @@ A model is named in one of three ways:
 Checkpoints hold only a state dict. Files ending in ``.safetensors`` are read and written with
 safetensors (and may carry string metadata, e.g. the architecture); every other file with
 ``torch.save`` / ``torch.load(weights_only=True)``. A state dict wrapped in a training checkpoint
-(``{"state_dict": ...}``, ``{"model_state_dict": ...}`` or ``{"model": ...}``) and DataParallel's
-``module.`` prefix are accepted on reading. Writes are atomic (temporary file + ``os.replace``).
+(``{"epoch": ..., "model_state": ...}``, ``{"state_dict": ...}``, ``{"model_state_dict": ...}``,
+``{"model": ...}``; see :data:`WRAPPER_KEYS`) and the ``module.`` prefix of DataParallel /
+DistributedDataParallel are accepted on reading; the log (INFO) says which wrapper key was used.
+Writes are atomic (temporary file + ``os.replace``).
 
 Every failure (missing or unreadable file, unknown architecture, a state dict that does not fit)
 raises :class:`~fusion.errors.CheckpointError` with the path or name at fault.
@@ -45,6 +47,7 @@ from .models import MODELS
 __all__ = [
     "ARCH_KEY",
     "KWARGS_KEY",
+    "WRAPPER_KEYS",
     "architecture_metadata",
     "build_architecture",
     "load_model",
@@ -62,8 +65,8 @@ PathLike = str | os.PathLike
 ARCH_KEY = "fusion.arch"
 KWARGS_KEY = "fusion.arch_kwargs"
 
-#: Keys under which training checkpoints commonly wrap the state dict.
-_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+#: Keys under which training checkpoints commonly wrap the state dict, tried in this order.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "network", "weights")
 
 
 def _is_safetensors(path: PathLike) -> bool:
@@ -175,21 +178,36 @@ def _check_file(path: PathLike) -> Path:
     return path
 
 
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The state dict inside a loaded object (plain, wrapped in a training checkpoint, DataParallel-prefixed)."""
-    if isinstance(obj, Mapping):
-        for key in _WRAPPER_KEYS:
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
+    if isinstance(obj, Mapping) and not _is_state_dict(obj):
+        key = next((k for k in WRAPPER_KEYS if _is_state_dict(obj.get(k))), None)
+        if key is None:  # any other single entry holding a state dict
+            found = [k for k, v in obj.items() if _is_state_dict(v)]
+            key = found[0] if len(found) == 1 else None
+        if key is not None:
+            logger.info("checkpoint %s: using the state dict under key %r (other keys: %s)", path, key,
+                        sorted(str(k) for k in obj if k != key))
+            obj = obj[key]
     if not isinstance(obj, Mapping) or not obj:
-        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a non-empty state dict")
+        keys = f" (keys: {sorted(map(str, obj))[:8]})" if isinstance(obj, Mapping) else ""
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}{keys}, not a non-empty state "
+                              f"dict; state dicts are also found under the keys {', '.join(WRAPPER_KEYS)}")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a state dict: entry {bad[0]!r} is not a tensor")
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a state dict: entry {bad[0]!r} is not a tensor; "
+                              f"state dicts are also found under the keys {', '.join(WRAPPER_KEYS)}")
     state = dict(obj)
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    for prefix in ("module.", "_orig_mod."):  # DataParallel / DistributedDataParallel, torch.compile
+        if all(k.startswith(prefix) for k in state):
+            logger.info("checkpoint %s: removing the %r prefix of every key", path, prefix)
+            state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .align import align
 from .analysis.interpolation import InterpolationCurve, has_batch_norm, interpolation_curve
@@ -44,6 +43,7 @@ from .errors import DataError, EnsembleError
 from .evaluate import ensemble_evaluate, evaluate
 from .fuse import average, finetune, fuse_ensemble, merge, ot_fusion, reset_bn_stats, train_model
 from .models import MLP, SmallResNet
+from .progress import tqdm
 
 __all__ = [
     "FUSION_METHODS",
@@ -217,7 +217,7 @@ def _ot(models: list[nn.Module], example_inputs: Any, data: Any, progress: bool,
 
 
 def _transplant(models: list[nn.Module], example_inputs: Any, data: Any, progress: bool, seed: int) -> nn.Module:
-    return fuse_ensemble(models, example_inputs, progress=progress)
+    return fuse_ensemble(models, example_inputs, progress=progress, data=data)  # data: BatchNorm re-estimated
 
 
 #: Fusion methods by name: ``fn(models, example_inputs, data, progress, seed) -> fused model``.

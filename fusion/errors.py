@@ -24,6 +24,7 @@ __all__ = [
     "ConcatError",
     "BendingError",
     "StitchError",
+    "LayerError",
     "CheckpointError",
 ]
 
@@ -86,6 +87,10 @@ class BendingError(FusionError, ValueError):
 
 class StitchError(FusionError, ValueError):
     """A stitched model cannot be built or fitted (unknown layer, incompatible shapes)."""
+
+
+class LayerError(FusionError, ValueError):
+    """A layer of :mod:`fusion.layers` was built or fitted with invalid arguments (rank, groups, shapes)."""
 
 
 class CheckpointError(FusionError, OSError):

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .checks import (
     check_models,
@@ -34,6 +33,7 @@ from .checks import (
     run_model,
 )
 from .errors import DataError, EnsembleError
+from .progress import tqdm
 
 __all__ = ["Evaluation", "ensemble_evaluate", "evaluate", "predict_logits"]
 

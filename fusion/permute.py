@@ -9,6 +9,8 @@ the permuted model computes the same function. Everything here is pure unless ``
 from __future__ import annotations
 
 import copy
+import logging
+import operator
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Union
 
@@ -28,6 +30,7 @@ __all__ = [
     "compose_permutations",
     "identity_permutation",
     "inverse_permutation",
+    "layer_group",
     "permute",
     "permute_axis",
     "axis_order",
@@ -37,6 +40,8 @@ __all__ = [
     "swap_neurons",
     "verify_equivalence",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: A permutation per group name.
 Permutations = dict[str, torch.Tensor]
@@ -193,6 +198,31 @@ def _spec_for(model: nn.Module, example_inputs: Any, spec: PermutationSpec | Non
     return spec
 
 
+def layer_group(spec: PermutationSpec, layer: str) -> PermutationGroup:
+    """The permutation group of module ``layer``'s output units.
+
+    Like :meth:`PermutationSpec.group_of_layer`, and a normalisation layer (BatchNorm, LayerNorm,
+    GroupNorm's affine vectors: every tensor of the module a vector of one group's units) resolves
+    to the group of the units it normalises (``bn1`` -> the group of ``conv1``).
+
+    Raises:
+        PermutationError: ``layer`` does not exist or produces no permutable units.
+    """
+    try:
+        return spec.group_of_layer(layer)
+    except PermutationError as error:
+        own = [key for key in spec.shapes if key.startswith(layer + ".") and "." not in key[len(layer) + 1:]]
+        vectors = [key for key in own if len(spec.shapes[key]) == 1]
+        groups = {g.name: g for key in vectors for g, m in spec.members_of(key) if m.axis == 0 and g.kind == "channels"}
+        if vectors and len(groups) == 1 and all(len(spec.shapes[key]) <= 1 for key in own) and all(
+            spec.members_of(key) for key in vectors
+        ):
+            group = next(iter(groups.values()))
+            logger.debug("layer %r normalises the units of group %r", layer, group.name)
+            return group
+        raise error
+
+
 def permute_layer(
     model: nn.Module,
     layer: str,
@@ -203,15 +233,40 @@ def permute_layer(
 ) -> nn.Module:
     """Reorder the output units of module ``layer`` by ``order``, moving every coupled tensor.
 
-    Works on layers that feed skip connections too (the whole residual stream moves). ``order``
+    Works on layers that feed skip connections too (the whole residual stream moves) and on
+    normalisation layers (their units are those they normalise, see :func:`layer_group`). ``order``
     is a permutation of the layer's group (``order[i]`` = unit landing at ``i``).
 
     Raises:
         PermutationError: ``layer`` does not exist or produces no permutable units.
     """
     spec = _spec_for(model, example_inputs, spec)
-    group = spec.group_of_layer(layer)
+    group = layer_group(spec, layer)
     return permute(model, {group.name: order}, spec, inplace=inplace)
+
+
+def unit_index(value: Any, argument: str, layer: str, size: int) -> int:
+    """``value`` as a unit index of a layer with ``size`` units: Python/numpy integers and 0-d integer
+    tensors or arrays are accepted.
+
+    Raises:
+        PermutationError: ``value`` is not an integer scalar (naming its type) or is out of range.
+    """
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        if value.ndim != 0:
+            raise PermutationError(f"{argument} must be a single unit index of {layer!r}, got a tensor of shape "
+                                   f"{tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)):
+        raise PermutationError(f"{argument}={value!r} is a boolean, not a unit index of {layer!r}")
+    try:
+        index = operator.index(value)
+    except TypeError:
+        raise PermutationError(f"{argument} must be an integer unit index of {layer!r}, got {type(value).__name__} "
+                               f"{value!r}") from None
+    if not 0 <= index < size:
+        raise PermutationError(f"{argument}={index} is out of range for {layer!r}, which has {size} units")
+    return index
 
 
 def swap_neurons(
@@ -225,29 +280,51 @@ def swap_neurons(
 ) -> nn.Module:
     """Swap output units ``i`` and ``j`` of module ``layer`` (and everything coupled to them).
 
+    ``i`` and ``j`` may be Python or numpy integers or 0-d integer tensors; ``layer`` may be a
+    normalisation layer (its units are those it normalises, see :func:`layer_group`).
+
     Raises:
-        PermutationError: unknown layer, a layer without permutable units, or ``i``/``j`` out of range.
+        PermutationError: unknown layer, a layer without permutable units, or ``i``/``j`` not unit indices.
     """
     spec = _spec_for(model, example_inputs, spec)
-    group = spec.group_of_layer(layer)
-    for arg, value in (("i", i), ("j", j)):
-        if not isinstance(value, (int, np.integer)) or not 0 <= int(value) < group.size:
-            raise PermutationError(f"{arg}={value!r} is not a unit index of {layer!r} (size {group.size})")
+    group = layer_group(spec, layer)
+    i, j = (unit_index(value, arg, layer, group.size) for arg, value in (("i", i), ("j", j)))
     order = torch.arange(group.size)
-    order[int(i)], order[int(j)] = int(j), int(i)
+    order[i], order[j] = j, i
     return permute(model, {group.name: order}, spec, inplace=inplace)
 
 
-def verify_equivalence(model_a: nn.Module, model_b: nn.Module, example_inputs: Any) -> float:
+def verify_equivalence(model_a: nn.Module, model_b: nn.Module, example_inputs: Any = None, data: Any = None) -> float:
     """``max |f_a(x) - f_b(x)| / max |f_a(x)|`` on ``example_inputs``, in eval mode without grad.
 
-    Both models keep their train/eval mode. Returns a float (0.0 for identical functions).
-    """
-    from .spec import relative_difference
+    Args:
+        model_a, model_b: the two models (both keep their train/eval mode).
+        example_inputs: one batch of inputs (tensor, tuple or dict).
+        data: instead of ``example_inputs``, a DataLoader or iterable of batches (labels ignored,
+            e.g. a whole test split): the maxima run over all of them.
 
+    Returns:
+        A float (0.0 for identical functions).
+
+    Raises:
+        PermutationError: neither or both of ``example_inputs`` and ``data`` given.
+        DataError: ``data`` yields no batches.
+    """
+    from .checks import iter_batches
+    from .spec.verify import _output_tensors
+
+    if (example_inputs is None) == (data is None):
+        raise PermutationError("pass exactly one of example_inputs (one batch) and data (batches)")
     check_same_device([model_a, model_b], ["model_a", "model_b"])
-    inputs = move_inputs(example_inputs, model_device(model_a))
+    device = model_device(model_a)
+    batches = ((example_inputs, None),) if data is None else iter_batches(data)
+    diff = scale = 0.0
     with torch.no_grad(), eval_mode(model_a), eval_mode(model_b):
-        out_a = run_model(model_a, inputs)
-        out_b = run_model(model_b, inputs)
-    return relative_difference(out_a, out_b)
+        for inputs, _ in batches:
+            inputs = move_inputs(inputs, device)
+            out_a, out_b = _output_tensors(run_model(model_a, inputs)), _output_tensors(run_model(model_b, inputs))
+            if len(out_a) != len(out_b) or not out_a:
+                raise PermutationError("the two models' outputs do not have the same structure of floating tensors")
+            diff = max(diff, *(float((a.double() - b.double()).abs().max()) for a, b in zip(out_a, out_b)))
+            scale = max(scale, *(float(a.double().abs().max()) for a in out_a))
+    return diff / scale if scale > 0 else diff

@@ -170,3 +170,21 @@ class Recurrent(nn.Module):
     def forward(self, tokens):
         hidden, _ = self.lstm(F.relu(self.pre(self.embed(tokens))))
         return self.fc(hidden[:, -1])
+
+
+class TinyVGG16(nn.Module):
+    """VGG-16's layout (five blocks of 2, 2, 3, 3, 3 conv-BN-ReLU, each ending in a 2x2 max-pool) at small widths."""
+
+    def __init__(self, in_channels=1, num_classes=10, widths=(4, 8, 8, 16, 16)):
+        super().__init__()
+        layers, previous = [], in_channels
+        for width, count in zip(widths, (2, 2, 3, 3, 3)):
+            for _ in range(count):
+                layers += [nn.Conv2d(previous, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+                previous = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(previous, num_classes)
+
+    def forward(self, x):
+        return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))

@@ -72,10 +72,10 @@ def test_print_weights_prints_and_returns_a_table_with_statistics(capsys: pytest
 
 def test_trace_records_fx_node_shapes_for_print_activations(capsys: pytest.CaptureFixture[str]) -> None:
     inspector = Inspector(_cnn()).trace(X)
-    assert inspector.activation_shapes["_3"] == ((2, 8, 4, 4), torch.float32)
+    assert inspector.activation_shapes()["_3"] == ((2, 8, 4, 4), torch.float32)
     table = inspector.print_activations()
     assert "(2, 8, 4, 4)" in capsys.readouterr().out
-    assert [line.split()[0] for line in table.splitlines()[2:]] == inspector.activation_names
+    assert [line.split()[0] for line in table.splitlines()[2:]] == inspector.activation_names()
 
 
 def test_activation_shapes_need_trace_first() -> None:
@@ -86,8 +86,8 @@ def test_activation_shapes_need_trace_first() -> None:
 def test_graph_module_computes_the_model() -> None:
     model = _cnn()
     inspector = Inspector(model)
-    assert torch.equal(inspector.graph_module(X), model(X))
-    assert any(node.op == "call_module" for node in inspector.graph.nodes)
+    assert torch.equal(inspector.graph_module()(X), model(X))
+    assert any(node.op == "call_module" for node in inspector.graph().nodes)
 
 
 def test_get_activations_on_resnet18_equals_forward_hooks() -> None:
@@ -120,10 +120,10 @@ def test_get_activations_falls_back_to_hooks_when_fx_cannot_trace() -> None:
     inspector = Inspector(model)
     x = torch.randn(3, 4)
     assert not inspector.uses_fx
-    assert inspector.activation_names == ["a", "b"]
+    assert inspector.activation_names() == ["a", "b"]
     assert torch.equal(inspector.get_activations(x, "a")["a"], model.a(x))
     with pytest.raises(BendingError, match="torch.fx cannot trace"):
-        _ = inspector.graph
+        inspector.graph()
 
 
 # ------------------------------------------------------------------------------------- bending
@@ -289,6 +289,114 @@ def test_interpolate_restores_weights_after_an_exception(inplace: bool) -> None:
     _assert_bitwise(inspector.bended_state_dict(), original)
     _assert_bitwise(_state(model_a), original)
     assert inspector.version == "original"
+
+
+def test_write_snapshots_the_bent_weights_switches_to_them_and_applies_the_bend_once() -> None:
+    model = _mlp()
+    x = torch.randn(4, 6)
+    inspector = Inspector(model).bend(Noise(0.5, seed=3), "0.weight")
+    y_noisy = inspector(x)
+    inspector.write("noisy")
+    assert inspector.version == "noisy"
+    assert inspector.bending_config() == BendingConfig()
+    assert torch.equal(inspector(x), y_noisy)
+    inspector.set_version("noisy")
+    assert torch.equal(inspector(x), y_noisy)
+    inspector.version = None
+    assert inspector.version == "original"
+    assert torch.equal(inspector(x), model(x))
+
+
+def test_switching_versions_clears_live_weight_bends_unless_asked_to_keep_them() -> None:
+    model, other = _mlp(), _mlp()
+    x = torch.randn(4, 6)
+    inspector = Inspector(model).create_version("other", other).bend(Scale(0.0), "2.weight")
+    with inspector.set_version("other"):
+        torch.testing.assert_close(inspector(x), other(x))
+    with inspector.set_version("other", keep_bends=True):
+        torch.testing.assert_close(inspector(x), other[2].bias.expand(4, 3))
+    with inspector.interpolate(other=1.0):
+        torch.testing.assert_close(inspector(x), other(x))
+    assert inspector.version == "original"
+    torch.testing.assert_close(inspector(x), model[2].bias.expand(4, 3))
+
+
+def test_activation_bends_stay_live_across_versions() -> None:
+    model = _cnn()
+    inspector = Inspector(model).trace(X).bend(Scale(0.0), "4").bend(Mask(0.5, seed=1), "0.weight").write("v")
+    torch.testing.assert_close(inspector(X), model[6].bias.expand(2, 5))
+    assert [names for _, names in inspector.bending_config()] == [("_4",)]
+
+
+def _bn_model() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).train()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_train_mode_model_runs_with_batch_statistics_but_its_buffers_never_change(inplace: bool) -> None:
+    model = _bn_model()
+    reference = _bn_model()
+    reference.load_state_dict(model.state_dict())
+    inspector = Inspector(model, inplace=inplace).bend(Scale(1.0), "0.weight")
+    before = _state(model)
+    x = torch.randn(8, 3, 8, 8)
+    torch.testing.assert_close(inspector(x), reference(x))
+    inspector.trace(x).bend(Scale(2.0), "2")
+    inspector(x)
+    inspector.get_activations("1", "4", input=x)
+    inspector.get_activations("1", inputs=x, bended=False)
+    assert model.training
+    _assert_bitwise(_state(model), before)
+
+
+def test_untraceable_train_mode_model_keeps_its_buffers() -> None:
+    class Branchy(_Branchy):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.BatchNorm1d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) + self.norm(self.a(x)).sum()
+
+    model = Branchy().train()
+    before = _state(model)
+    inspector = Inspector(model).bend(Scale(0.5), "a")
+    inspector(torch.randn(5, 4))
+    inspector.get_activations("norm", inputs=torch.randn(5, 4))
+    _assert_bitwise(_state(model), before)
+
+
+class _TwoMethods(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+    def skip_relu(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_other_methods_are_traced_and_run_bent() -> None:
+    model = _TwoMethods()
+    x = torch.randn(3, 4)
+    inspector = Inspector(model).trace("skip_relu", x=x)
+    assert inspector.activation_names("skip_relu") == ["x", "a", "b"]
+    assert inspector.activation_shape("b", fn="skip_relu") == torch.Size([3, 2])
+    inspector.bend(Scale(0.0), "a.weight")
+    torch.testing.assert_close(inspector.skip_relu(x), model.b(model.a.bias.expand(3, 4)))
+    inspector.bend(Scale(0.0), "a")
+    torch.testing.assert_close(inspector.run("skip_relu", x), model.b.bias.expand(3, 2))
+    assert torch.equal(inspector.get_activations("a", x=x, fn="skip_relu")["a"], torch.zeros(3, 4))
+
+
+def test_state_dict_has_the_wrapped_models_keys_and_original_weights() -> None:
+    model = _cnn()
+    inspector = Inspector(model, inplace=True).bend(Scale(2.0), "0.weight")
+    state = inspector.state_dict()
+    assert list(state) == list(model.state_dict())
+    assert torch.equal(state["0.weight"] * 2, model[0].weight)
 
 
 # ---------------------------------------------------------------------------------- bad input

@@ -178,3 +178,26 @@ def test_failed_write_leaves_an_existing_checkpoint_unchanged(tmp_path) -> None:
         save_model(SmallResNet(width=4), path, metadata={"epochs": 3})
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+@pytest.mark.parametrize("key", ["model_state", "state_dict", "model_state_dict", "model"])
+def test_training_checkpoints_wrapping_the_state_dict_load_and_name_the_key(tmp_path, caplog, key) -> None:
+    model = _mlp()
+    torch.save({"epoch": 200, key: model.state_dict(), "optimizer_state": {"lr": torch.tensor(0.1)}},
+               tmp_path / "checkpoint-200.pt")
+    with caplog.at_level("INFO", logger="fusion.checkpoint"):
+        loaded = load_model(tmp_path / "checkpoint-200.pt", "mlp", hidden=[8, 8])
+    assert _same_state(model, loaded)
+    assert f"under key {key!r}" in caplog.text
+
+
+def test_distributed_and_compiled_prefixes_are_removed(tmp_path) -> None:
+    model = _mlp()
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "c.pt")
+    assert _same_state(model, load_model(tmp_path / "c.pt", "mlp", hidden=[8, 8]))
+
+
+def test_a_wrapper_without_a_state_dict_lists_its_keys(tmp_path) -> None:
+    torch.save({"epoch": 3, "notes": "none"}, tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match="model_state"):
+        load_model(tmp_path / "empty.pt", "mlp", hidden=[8, 8])

@@ -23,7 +23,8 @@ from fusion.models import MLP, SmallResNet
 
 MLP_ARGS = ["--arch", "mlp", "--arch-kwargs", '{"hidden": [16, 16]}']
 QUICK = ["--limit", "120", "-q"]
-COMMANDS = ("demo", "spec", "swap", "align", "fuse", "interpolate", "barrier", "distances", "curve", "plot")
+COMMANDS = ("demo", "spec", "swap", "align", "fuse", "interpolate", "barrier", "distances", "curve", "analyze-curve",
+            "plot")
 
 
 @pytest.fixture(scope="module")

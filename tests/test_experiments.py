@@ -156,11 +156,11 @@ def test_ex02_mnist1d_cnn_members_get_a_verdict_against_the_best_member(load, tm
 
 
 @pytest.mark.slow
-def test_ex01_mnist1d_swaps_inside_the_residual_blocks(load, tmp_path, mnist1d_cache) -> None:
+def test_ex01_mnist1d_swaps_units_of_the_1d_cnn(load, tmp_path, mnist1d_cache) -> None:
     results = load("ex01_neuron_swap_curves").main(["--quick", "--quiet", "--dataset", "mnist1d", "--data-root",
                                                     mnist1d_cache, "--output-dir", str(tmp_path)])
     layers = [row["layer"] for row in results["depths"].values()]
-    assert layers == ["stages.0.0.conv1", "stages.1.0.conv1", "stages.2.0.conv1"]
+    assert layers == ["conv1", "stages.1.0.conv2", "stages.2.0.conv2"]  # fusion.neuronswap.layer_at_depth
     for row in results["depths"].values():
         assert row["verification"]["max_relative_difference"] < 1e-5
         assert 0.0 <= row["locality_at_midpoint"] <= 1.0

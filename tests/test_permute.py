@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -166,3 +167,54 @@ def test_neuronswap_example_on_resnet18_skip_connections():
         out = fusion.swap_neurons(out, layer, 2, 3, spec=spec)
     assert fusion.verify_equivalence(model, out, x) <= EQUIV_TOL
     assert not torch.equal(out.conv1.weight, model.conv1.weight)  # layer1.0.conv2 moves the whole stream
+
+
+@pytest.mark.parametrize("make", [torch.tensor, lambda v: torch.tensor(v, dtype=torch.int32), np.int64, np.array])
+def test_swap_accepts_integer_like_scalars(residual, make):
+    model, x, spec = residual
+    expected = fusion.swap_neurons(model, "a1", 4, 6, spec=spec)
+    swapped = fusion.swap_neurons(model, "a1", make(4), make(6), spec=spec)
+    assert state_equal(expected, swapped)
+
+
+@pytest.mark.parametrize("bad, message", [(torch.tensor(1.0), "integer"), (True, "boolean"),
+                                          (torch.tensor([1, 2]), "shape"), (1.5, "integer")])
+def test_swap_refuses_non_integer_indices_naming_the_value(residual, bad, message):
+    model, _, spec = residual
+    with pytest.raises(PermutationError, match=message):
+        fusion.swap_neurons(model, "a1", bad, 0, spec=spec)
+
+
+def test_a_norm_layer_resolves_to_the_units_it_normalises(residual):
+    model, x, spec = residual
+    via_norm = fusion.swap_neurons(model, "bn", 1, 3, spec=spec)  # bn normalises b2's output (with short)
+    via_conv = fusion.swap_neurons(model, "b2", 1, 3, spec=spec)
+    assert state_equal(via_norm, via_conv)
+    assert fusion.verify_equivalence(model, via_norm, x) <= EQUIV_TOL
+
+
+def test_resnet_bn1_swaps_the_stem_stream():
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    x = torch.randn(1, 3, 32, 32)
+    spec = fusion.permutation_spec(model, x)
+    swapped = fusion.swap_neurons(model, "bn1", torch.tensor(4), torch.tensor(9), spec=spec)
+    assert torch.equal(swapped.conv1.weight[4], model.conv1.weight[9])
+    assert fusion.verify_equivalence(model, swapped, x) <= EQUIV_TOL
+
+
+def test_the_output_layer_is_still_refused(residual):
+    model, _, spec = residual
+    with pytest.raises(PermutationError, match="output"):
+        fusion.swap_neurons(model, "head", 0, 1, spec=spec)
+
+
+def test_verify_equivalence_over_batches_takes_the_maxima_over_all_of_them(residual):
+    model, x, spec = residual
+    other = fusion.permute(model, fusion.random_permutation(spec, seed=3), spec)
+    with torch.no_grad():
+        other.head.bias.add_(torch.arange(5.0))  # a real difference, larger on some outputs
+    batches = [(x[:1], None), (x[1:], None)]
+    assert fusion.verify_equivalence(model, other, data=batches) == pytest.approx(
+        fusion.verify_equivalence(model, other, x))
+    with pytest.raises(PermutationError, match="exactly one"):
+        fusion.verify_equivalence(model, other, x, data=batches)

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..checks import check_finite, check_models, check_same_device, iter_batches
 from ..errors import (
@@ -25,6 +24,7 @@ from ..errors import (
     WidthMismatchError,
 )
 from ..permute import permute, permute_state_dict
+from ..progress import tqdm
 from ..spec import PermutationSpec, permutation_spec
 from .activation import activation_matching
 from .ot import SOLVERS, ot_alignment, solve_transport, transport_state

@@ -19,9 +19,9 @@ import numpy as np
 import ot
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..errors import AlignmentError
+from ..progress import tqdm
 from ..spec import AxisMember, PermutationSpec
 from .stats import collect_pair_stats, sites_for
 from .weight import resolved_tensors, unit_rows

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..checks import eval_mode, iter_batches, model_device, move_inputs, run_model
 from ..inspect.moments import CrossMoments
+from ..progress import tqdm
 from ..spec import AxisMember, PermutationGroup, PermutationSpec
 
 __all__ = ["CaptureSite", "PairStats", "capture_site", "capture_units", "collect_pair_stats", "sites_for"]

@@ -15,7 +15,6 @@ from collections.abc import Collection, Mapping
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from tqdm.auto import tqdm
 
 from ..permute import (
     Permutations,
@@ -23,6 +22,7 @@ from ..permute import (
     permute_axis,
     permute_state_dict,
 )
+from ..progress import tqdm
 from ..spec import AxisMember, PermutationGroup, PermutationSpec
 
 __all__ = [

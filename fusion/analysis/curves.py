@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from ..checks import check_models, iter_batches, model_device, move_inputs, run_model
 from ..errors import DataError, NonFiniteWeightsError
+from ..progress import tqdm
 from .distances import METRICS, check_metric, layer_distances
 from .interpolation import barrier, evaluate_point
 from .io import PathLike, json_text, load_npz, save_npz, write_text

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..checks import check_models
 from ..errors import DataError
 from ..evaluate import evaluate
 from ..fuse.average import interpolate
 from ..fuse.norm import reset_bn_stats
+from ..progress import tqdm
 from .io import PathLike, load_json, load_npz, save_json, save_npz
 
 __all__ = ["InterpolationCurve", "barrier", "has_batch_norm", "interpolation_curve", "load_interpolation_curve"]

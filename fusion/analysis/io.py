@@ -35,7 +35,9 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 
     The temporary file keeps ``path``'s suffix, so writers that infer the format from the
     name (matplotlib, Pillow) behave as for ``path`` itself. The parent folder is created if
-    needed. If the body raises, the temporary file is removed and ``path`` is untouched.
+    needed. The result gets the permissions a plain ``open(path, "w")`` gives: a new file
+    ``0o666`` minus the umask, an existing one its own mode.
+    If the body raises, the temporary file is removed and ``path`` is untouched.
 
     Example:
         >>> with atomic_path("out/summary.json") as tmp:  # doctest: +SKIP
@@ -53,12 +55,36 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, _plain_file_mode(target))
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
     logger.debug("wrote %s", target)
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it where the platform allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it (briefly process-wide) and restore it
+    os.umask(mask)
+    return mask
+
+
+def _plain_file_mode(target: Path) -> int:
+    """The permissions ``open(target, "w")`` would leave: an existing file keeps its mode, a new one
+    gets ``0o666`` minus the umask (``mkstemp`` creates owner-only 0600 files)."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_current_umask()
 
 
 def to_jsonable(value: Any) -> Any:

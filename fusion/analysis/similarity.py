@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..checks import check_same_device, eval_mode, iter_batches, move_inputs
 from ..errors import DataError, FusionError
 from ..inspect.capture import ActivationCapture, features_as_matrix
 from ..inspect.moments import CrossMoments
+from ..progress import tqdm
 
 __all__ = [
     "MEASURES",

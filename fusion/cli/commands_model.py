@@ -15,7 +15,7 @@ from ..checkpoint import (
     save_model,
 )
 from ..errors import PermutationError
-from .session import _echo, _Session, _test_inputs, _wrote
+from .session import _echo, _Session, _wrote
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -67,35 +67,46 @@ def _cmd_spec(args: argparse.Namespace) -> int:
     return 0
 
 
-def _depth_layer(spec: Any, depth: str) -> str:
-    """The layer producing the first / middle / last permutable channel group (convolutions preferred)."""
-    groups = [g for g in spec.groups if g.kind == "channels"]
-    if not groups:
-        raise PermutationError("the model has no permutable layer")
-    layers = [g.name if g.name in g.producers else g.producers[0] for g in groups]
-    index = {"early": 0, "mid": len(layers) // 2, "late": len(layers) - 1}[depth]
-    return layers[index]
+def _pairs(args: argparse.Namespace, size: int, layer: str) -> list[tuple[int, int]]:
+    """The unit pairs to swap: ``--neurons`` as pairs, or ``--num-swaps`` random disjoint pairs drawn by ``--seed``."""
+    if args.neurons is not None:
+        units = list(args.neurons)
+        if len(units) % 2:
+            raise PermutationError(f"--neurons takes pairs of units (I J [I J ...]), got {len(units)} numbers")
+        if args.num_swaps not in (1, len(units) // 2):
+            raise PermutationError(f"--num-swaps {args.num_swaps} disagrees with the {len(units) // 2} pair(s) of --neurons")
+    else:
+        if 2 * args.num_swaps > size:
+            raise PermutationError(f"--num-swaps {args.num_swaps} needs {2 * args.num_swaps} units but {layer!r} has {size}")
+        generator = torch.Generator().manual_seed(args.seed)
+        units = [int(k) for k in torch.randperm(size, generator=generator)[: 2 * args.num_swaps]]
+    if len(set(units)) != len(units):
+        raise PermutationError(f"--neurons must name two different units per pair, all distinct, got {units}")
+    bad = [u for u in units if not 0 <= u < size]
+    if bad:
+        raise PermutationError(f"unit {bad[0]} is out of range for {layer!r}, which has {size} units")
+    return [(units[k], units[k + 1]) for k in range(0, len(units), 2)]
 
 
 def _cmd_swap(args: argparse.Namespace) -> int:
-    from ..permute import swap_neurons, verify_equivalence
+    from ..neuronswap import layer_at_depth
+    from ..permute import layer_group, permute, verify_equivalence
     from ..spec import permutation_spec
 
     session = _Session(args)
     model = session.model(args.checkpoint)
-    spec = permutation_spec(model, session.example_inputs(4))
-    layer = args.layer if args.layer is not None else _depth_layer(spec, args.depth)
-    group = spec.group_of_layer(layer)
-    if args.neurons is not None:
-        i, j = args.neurons
-    else:
-        generator = torch.Generator().manual_seed(args.seed)
-        i, j = (int(k) for k in torch.randperm(group.size, generator=generator)[:2])
-    if i == j:
-        raise PermutationError(f"--neurons must name two different units, got {i} and {j}")
-    swapped = swap_neurons(model, layer, i, j, spec=spec)
+    example = session.example_inputs(4)
+    spec = permutation_spec(model, example)
+    layer = args.layer if args.layer is not None else layer_at_depth(model, args.depth, example, spec)
+    group = layer_group(spec, layer)
+    pairs = _pairs(args, group.size, layer)
+    order = torch.arange(group.size)
+    for i, j in pairs:
+        order[i], order[j] = j, i
+    swapped = permute(model, {group.name: order}, spec)
     folder = session.output_dir("results/swap")
-    stem = f"{Path(args.checkpoint).stem}_swap_{layer.replace('.', '-')}_{i}_{j}"
+    units = "_".join(f"{i}_{j}" for i, j in pairs) if len(pairs) == 1 else f"{len(pairs)}pairs_seed{args.seed}"
+    stem = f"{Path(args.checkpoint).stem}_swap_{layer.replace('.', '-')}_{units}"
     path = Path(args.output) if args.output is not None else session.checkpoint_path(folder, stem, args.checkpoint)
     metadata: dict[str, Any] = {
         "source_checkpoint": str(args.checkpoint),
@@ -105,16 +116,22 @@ def _cmd_swap(args: argparse.Namespace) -> int:
         "depth": args.depth if args.layer is None else None,
         "group": group.name,
         "group_size": group.size,
-        "neurons": [i, j],
+        "num_swaps": len(pairs),
+        "pairs": [list(p) for p in pairs],
+        "neurons": [u for p in pairs for u in p],
         "tensors_moved": [m.name for m in group.members],
         "seed": args.seed,
     }
     if args.verify:
-        inputs = session.example_inputs(256) if not session.uses_data else _test_inputs(session, 512)
-        difference = verify_equivalence(model, swapped, inputs)
+        if session.uses_data:
+            _, test = session.loaders
+            difference, count = verify_equivalence(model, swapped, data=test), len(session.split.test)
+        else:
+            inputs = session.example_inputs(256)
+            difference, count = verify_equivalence(model, swapped, inputs), int(inputs.shape[0])
         metadata["verification"] = {"max_relative_difference": difference, "tolerance": args.tol,
-                                    "passed": difference <= args.tol, "num_inputs": int(inputs.shape[0])}
-        _echo(f"verify: max relative output difference {difference:.3e} on {inputs.shape[0]} inputs "
+                                    "passed": difference <= args.tol, "num_inputs": count}
+        _echo(f"verify: max relative output difference {difference:.3e} on {count} inputs "
               f"({'equivalent' if difference <= args.tol else 'NOT equivalent'} at tolerance {args.tol:g})")
         if difference > args.tol:
             raise PermutationError(
@@ -122,9 +139,8 @@ def _cmd_swap(args: argparse.Namespace) -> int:
             )
     written = [save_model(swapped, path, session.metadata())]
     written.append(save_json(metadata, path.with_name(f"{path.stem}_metadata.json")))
-    _echo(f"swapped units {i} and {j} of {layer!r} (group {group.name!r}, {group.size} units, "
+    swaps = ", ".join(f"{i}<->{j}" for i, j in pairs)
+    _echo(f"swapped units {swaps} of {layer!r} (group {group.name!r}, {group.size} units, "
           f"{len(group.members)} tensors moved)")
     _wrote(written)
     return 0
-
-

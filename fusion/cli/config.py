@@ -37,12 +37,14 @@ def _read_config(path: Path) -> dict[str, Any]:
 def _config_defaults(sub: argparse.ArgumentParser, config: dict[str, Any], path: Path) -> dict[str, Any]:
     """Validate config values against ``sub``'s options (type conversion and choices) and return them by dest."""
     actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config", "func", "subparser")}
+    names = {option.lstrip("-").replace("-", "_"): action for action in actions.values()
+             for option in action.option_strings if option.startswith("--")}  # aliases: bends, wd, ...
     defaults = {}
     for key, value in config.items():
-        dest = str(key).replace("-", "_")
-        if dest not in actions:
+        action = actions.get(str(key).replace("-", "_")) or names.get(str(key).replace("-", "_"))
+        if action is None:
             raise DataError(f"config file {str(path)!r}: unknown option {key!r}; known: {', '.join(sorted(actions))}")
-        action = actions[dest]
+        dest = action.dest
         many = action.nargs in ("*", "+") or isinstance(action.nargs, int)
         values = value if isinstance(value, list) else [value]
         if not many and len(values) != 1:

@@ -4,25 +4,24 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
 from ..errors import FusionError
-from .commands_curve import _cmd_curve, _cmd_plot
-from .commands_fuse import _cmd_align, _cmd_distances, _cmd_fuse, _cmd_interpolate
-from .commands_model import _cmd_demo, _cmd_spec, _cmd_swap
+from ..tracking import tracking_run
 from .config import _config_defaults, _read_config
 from .options import (
     ALIGN_METHODS,
+    DEPTHS,
     DISTANCE_METRICS,
     FUSE_METHODS,
     _common_options,
     _config_option,
+    _curve_analysis_options,
     _data_options,
     _format_option,
     _Formatter,
@@ -38,12 +37,30 @@ __all__ = ["build_parser", "main"]
 logger = logging.getLogger("fusion.cli")
 
 
+def _command(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """The handler ``name`` of ``fusion.cli.<module>``, imported when the command runs (``--help`` stays fast)."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f".{module}", __package__), name)(args)
+
+    run.__name__ = run.__qualname__ = name
+    return run
+
+
+_cmd_demo, _cmd_spec, _cmd_swap = (_command("commands_model", n) for n in ("_cmd_demo", "_cmd_spec", "_cmd_swap"))
+_cmd_align, _cmd_fuse, _cmd_interpolate, _cmd_distances = (
+    _command("commands_fuse", n) for n in ("_cmd_align", "_cmd_fuse", "_cmd_interpolate", "_cmd_distances"))
+_cmd_curve, _cmd_analyze_curve, _cmd_plot = (
+    _command("commands_curve", n) for n in ("_cmd_curve", "_cmd_analyze_curve", "_cmd_plot"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fusion`` command (subcommands with their handlers as ``func``)."""
     parser = argparse.ArgumentParser(
         prog="fusion",
         description="Compare, align and fuse PyTorch models through their permutation symmetries.",
         epilog="Run 'fusion <command> --help' for the options of a command; 'fusion demo' for a first look.",
+        allow_abbrev=False,
     )
     from .. import __version__
 
@@ -54,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, handler: Callable[[argparse.Namespace], int], help_text: str, parents: list,
             aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text, parents=parents,
-                                  formatter_class=_Formatter, aliases=list(aliases))
+                                  formatter_class=_Formatter, aliases=list(aliases), allow_abbrev=False)
         sub.set_defaults(func=handler, subparser=sub)
         return sub
 
@@ -66,16 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
                [common, model, data, inputs])
     spec.add_argument("checkpoint", nargs="?", type=Path, help="checkpoint (default: a randomly initialised --arch)")
 
-    swap = add("swap", _cmd_swap, "swap two neurons of a layer without changing the function; save the model and "
-               "a metadata JSON naming what was swapped (default output: results/swap)", [common, model, data, inputs])
+    swap = add("swap", _cmd_swap, "swap pairs of neurons of a layer without changing the function; save the model "
+               "and a metadata JSON naming what was swapped (default output: results/swap)", [common, model, data, inputs])
     swap.add_argument("checkpoint", type=Path, help="checkpoint of the model")
     where = swap.add_mutually_exclusive_group(required=True)
-    where.add_argument("--layer", help="module whose output units are swapped (e.g. features.4)")
-    where.add_argument("--depth", choices=("early", "mid", "late"),
-                       help="pick the first, middle or last permutable layer instead of naming one")
-    swap.add_argument("--neurons", type=int, nargs=2, metavar=("I", "J"),
-                      help="the two units (default: random by --seed)")
-    swap.add_argument("--verify", action="store_true", help="check functional equivalence on test inputs")
+    where.add_argument("--layer", "--layer-name", help="module whose output units are swapped (e.g. features.4; a "
+                       "norm layer stands for the units it normalises)")
+    where.add_argument("--depth", "--layer-depth", choices=DEPTHS,
+                       help="pick a convolution by block position (blocks end where the feature map shrinks): early = "
+                       "block 0 layer 0, mid = layer 1 of the middle block, late = layer 1 of the last block (VGG-16: "
+                       "block 0 layer 0, block 2 layer 1, block 4 layer 1); models without convolutions: linear layers")
+    swap.add_argument("--num-swaps", type=_positive_int, default=1, metavar="N",
+                      help="number of random unit pairs to swap, drawn by --seed (default 1: two neurons)")
+    swap.add_argument("--neurons", type=int, nargs="+", metavar="I J",
+                      help="the units to swap, as pairs (I J [I J ...]; default: --num-swaps random pairs)")
+    swap.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                      help="check functional equivalence on the whole test split (or on random --input-shape inputs); "
+                      "--no-verify skips it (default: verify)")
     swap.add_argument("--tol", type=float, default=1e-5, help="largest accepted relative output difference")
     swap.add_argument("--output", type=Path, help="path of the swapped checkpoint (default: in --output-dir)")
     _format_option(swap)
@@ -122,18 +146,32 @@ def build_parser() -> argparse.ArgumentParser:
                 "analysis_summary.json, heatmap PNG and GIF (default output: results/curve)", [common, model, data])
     _two_models(curve)
     curve.add_argument("--epochs", type=_non_negative_int, default=5, help="curve training epochs")
-    curve.add_argument("--num-bends", type=int, default=3, help="Bezier bends including the end points")
+    curve.add_argument("--num-bends", "--bends", type=int, default=3, help="Bezier bends including the end points")
     curve.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of the control points")
-    curve.add_argument("--num-points", type=int, default=61, help="points evaluated along the curve")
-    curve.add_argument("--metric", choices=DISTANCE_METRICS, default="normalized_l2", help="distance in the plots")
-    curve.add_argument("--fps", type=_positive_int, default=10, help="frames per second of the GIF")
-    curve.add_argument("--highlight", nargs="*", metavar="LAYER", help="layers drawn in red")
-    curve.add_argument("--swap-metadata", type=Path, metavar="JSON",
-                       help="metadata of 'fusion swap': highlights the swapped layer and goes into the summary")
+    curve.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    curve.add_argument("--weight-decay", "--wd", type=float, default=0.0, help="SGD weight decay of the control points")
+    _curve_analysis_options(curve)
+    _config_option(curve)
+
+    analyze = add("analyze-curve", _cmd_analyze_curve, "analyse a curve trained by 'fusion curve' again (no training): "
+                  "the same npz, analysis_summary.json, heatmap PNG and GIF (default output: next to the curve)",
+                  [common, model, data])
+    analyze.add_argument("--curve-checkpoint", type=Path, required=True, metavar="FILE",
+                         help="curve.pt written by 'fusion curve' (end points and control points)")
+    analyze.add_argument("--original-checkpoint", type=Path, metavar="FILE",
+                         help="the model distances are measured from (default: the curve's start)")
+    _curve_analysis_options(analyze)
 
     plot = add("plot", _cmd_plot, "re-plot saved results: a curve .npz gives a heatmap and a GIF; interpolation "
                ".npz/.json files give one curve plot (default output: next to the first input)", [common])
-    plot.add_argument("inputs", nargs="+", type=Path, metavar="FILE", help="result files (.npz or .json)")
+    plot.add_argument("inputs", nargs="*", type=Path, metavar="FILE", help="result files (.npz or .json)")
+    plot.add_argument("--data", type=Path, action="append", default=[], metavar="FILE",
+                      help="a result file (same as a positional FILE; may repeat)")
+    plot.add_argument("--output", type=Path, metavar="FILE",
+                      help="write the one plot to this file; its suffix picks the kind for a curve .npz (.gif: the "
+                      "animation, .png: the heatmap)")
+    plot.add_argument("--heatmap", action="store_true",
+                      help="with --output ANIMATION.gif: also write the static heatmap as ANIMATION_heatmap.png")
     plot.add_argument("--kind", choices=("auto", "heatmap", "gif", "interpolation"), default="auto",
                       help="what to draw")
     plot.add_argument("--metric", choices=(*DISTANCE_METRICS, "loss", "accuracy"),
@@ -146,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure(args: argparse.Namespace) -> None:
+    import torch
+
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="fusion: %(levelname)s: %(message)s")
@@ -169,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    import torch  # after parsing: --help and usage errors never import it
+
     threads = torch.get_num_threads()  # restored afterwards: main() may run inside a longer-lived process
     try:
         if getattr(args, "config", None) is not None:
@@ -176,7 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sub.set_defaults(**_config_defaults(sub, _read_config(args.config), args.config))
             args = parser.parse_args(argv)
         _configure(args)
-        return int(args.func(args) or 0)
+        uri = args.mlflow_uri if getattr(args, "mlflow", False) else None
+        with tracking_run(uri, getattr(args, "mlflow_experiment", None) or args.command,
+                          params={k: v for k, v in vars(args).items() if k not in ("func", "subparser")}):
+            return int(args.func(args) or 0)
     except (FusionError, OSError) as exc:
         print(f"fusion: error: {_one_line(exc)}", file=sys.stderr)
         return 1

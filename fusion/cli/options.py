@@ -5,15 +5,39 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data import DATASETS
+from ..tracking import add_tracking_options
 
 ALIGN_METHODS = ("weight", "activation", "ot")
 FUSE_METHODS = ("average", "merge", "merge-repair", "ot", "transplant")
 DISTANCE_METRICS = ("normalized_l2", "relative", "raw_l2")
 CURVE_SUMMARY = "analysis_summary.json"
+DEPTHS = ("early", "mid", "late")  # fusion.neuronswap.DEPTHS, without importing the library at start-up
+
+
+class _DatasetNames(Sequence[str]):
+    """``fusion.data.DATASETS``, read when argparse first needs it (to check a value or print a command's help),
+    so that building the parser does not import torch."""
+
+    def _names(self) -> Sequence[str]:
+        from ..data import DATASETS
+
+        return DATASETS
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -51,17 +75,18 @@ def _non_negative_int(text: str) -> int:
 
 
 def _common_options() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parent.add_argument_group("general")
     group.add_argument("--output-dir", type=Path, help="folder for the results (created if needed)")
     group.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     group.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    add_tracking_options(parent)
     return parent
 
 
 def _model_options() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parent.add_argument_group("model")
     group.add_argument(
         "--arch",
@@ -76,9 +101,9 @@ def _model_options() -> argparse.ArgumentParser:
 
 
 def _data_options() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     group = parent.add_argument_group("data")
-    group.add_argument("--dataset", default="digits", choices=DATASETS,
+    group.add_argument("--dataset", default="digits", choices=_DatasetNames(),
                        help="data set (default digits: embedded, offline); the others are read from --data-root")
     group.add_argument("--data-root", type=Path,
                        help="folder holding cifar-10-batches-py/, cifar-100-python/ or MNIST/")
@@ -89,7 +114,7 @@ def _data_options() -> argparse.ArgumentParser:
 
 
 def _input_options() -> argparse.ArgumentParser:
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parent.add_argument("--input-shape", type=_shape, metavar="C,H,W",
                         help="trace with random inputs of this shape (no batch dimension) instead of data")
     return parent
@@ -126,3 +151,13 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
                         help="JSON or YAML file of option values (keys as the long options, e.g. method, "
                         "finetune_epochs, models); flags given on the command line win")
 
+
+
+def _curve_analysis_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the analysis shared by ``curve`` and ``analyze-curve``."""
+    parser.add_argument("--num-points", type=int, default=61, help="points evaluated along the curve")
+    parser.add_argument("--metric", choices=DISTANCE_METRICS, default="normalized_l2", help="distance in the plots")
+    parser.add_argument("--fps", type=_positive_int, default=10, help="frames per second of the GIF")
+    parser.add_argument("--highlight", nargs="*", metavar="LAYER", help="layers drawn in red")
+    parser.add_argument("--swap-metadata", type=Path, metavar="JSON",
+                        help="metadata of 'fusion swap': highlights the swapped layer and goes into the summary")

@@ -21,6 +21,7 @@ from ..checkpoint import (
 )
 from ..data import DataSplit, example_batch, get_data, make_loaders
 from ..errors import DataError
+from ..tracking import active_tracker
 
 
 class _Session:
@@ -125,14 +126,4 @@ def _echo(text: str) -> None:
 def _wrote(paths: Sequence[Path]) -> None:
     for path in paths:
         _echo(f"wrote {path}")
-
-
-# --------------------------------------------------------------------------------------------
-# Commands
-# --------------------------------------------------------------------------------------------
-
-def _test_inputs(session: _Session, count: int) -> torch.Tensor:
-    """Up to ``count`` test inputs in one tensor."""
-    test = session.split.test
-    return torch.stack([torch.as_tensor(test[k][0]) for k in range(min(count, len(test)))])
-
+    active_tracker().log_files(paths)

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..checks import check_finite, iter_batches, model_device, move_inputs, run_model
 from ..errors import DataError, NonFiniteWeightsError
 from ..evaluate import evaluate
+from ..progress import tqdm
 
 __all__ = ["OPTIMIZERS", "FinetuneRecord", "FinetuneResult", "finetune", "finetune_with_history", "train_model"]
 

@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from tqdm.auto import tqdm
 
 from ..checks import (
     check_models,
@@ -43,6 +42,7 @@ from ..checks import (
     run_model,
 )
 from ..errors import DataError
+from ..progress import tqdm
 
 __all__ = ["ChannelStats", "neuron_statistics", "repair", "repair_locations", "reset_bn_stats"]
 

@@ -1,4 +1,4 @@
-"""fusion.inspect: inspect and bend models, capture activations, stitch models together.
+"""fusion.inspect: inspect and bend models, capture activations, cut and merge graphs, stitch models together.
 
 Public names are also re-exported from :mod:`fusion`.
 """
@@ -16,12 +16,10 @@ from .callbacks import (
     register_bending_callback,
 )
 from .capture import ActivationCapture, features_as_matrix
+from .graphs import merge_graph_modules, set_output
 from .moments import CrossMoments
 from .stitch import (
     STITCH_KINDS,
-    LinearStitch,
-    LowRankStitch,
-    ProcrustesStitch,
     StitchedModel,
     StitchFit,
     StitchLayer,
@@ -41,12 +39,9 @@ __all__ = [
     "CrossMoments",
     "Inspector",
     "Lambda",
-    "LinearStitch",
-    "LowRankStitch",
     "Mask",
     "Noise",
     "Permute",
-    "ProcrustesStitch",
     "Scale",
     "StitchFit",
     "StitchLayer",
@@ -55,6 +50,8 @@ __all__ = [
     "features_as_matrix",
     "fit_stitch",
     "make_stitch_layer",
+    "merge_graph_modules",
     "register_bending_callback",
+    "set_output",
     "stitch",
 ]

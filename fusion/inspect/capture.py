@@ -30,6 +30,7 @@ __all__ = [
     "TracedModel",
     "copy_graph_module",
     "features_as_matrix",
+    "finish_graph_module",
     "forward_hooks",
     "hook_activations",
     "probe_module",
@@ -110,25 +111,32 @@ class TracedModel:
         return resolve_names(patterns, self.node_names, self.module_nodes, error, argument)
 
 
-def trace_model(model: nn.Module) -> TracedModel:
-    """Trace ``model`` with torch.fx, recording the output node of every module call.
+def trace_model(model: nn.Module, method: str = "forward") -> TracedModel:
+    """Trace ``model``'s ``method`` (``forward`` by default) with torch.fx, recording every module call's output node.
+
+    The returned GraphModule's ``forward`` computes ``model.<method>``.
 
     Raises:
-        TraceError: torch.fx cannot trace the model (data-dependent control flow, unsupported ops).
+        TraceError: torch.fx cannot trace the method (data-dependent control flow, unsupported ops), or
+            the model has no such method.
     """
+    if not callable(getattr(type(model), method, None)):
+        raise TraceError(f"{type(model).__name__} has no method {method!r} to trace")
     tracer = _RecordingTracer()
+    tracer.traced_func_name = method
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
-        raise TraceError(f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
+        where = type(model).__name__ + ("" if method == "forward" else f".{method}")
+        raise TraceError(f"torch.fx cannot trace {where}: {type(exc).__name__}: {exc}") from exc
     graph_module = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     return TracedModel(graph_module, tracer.module_calls)
 
 
-def try_trace(model: nn.Module) -> TracedModel | None:
-    """:func:`trace_model`, or None (with a logged warning) when torch.fx cannot trace ``model``."""
+def try_trace(model: nn.Module, method: str = "forward") -> TracedModel | None:
+    """:func:`trace_model`, or None (with a logged warning) when torch.fx cannot trace ``model``'s ``method``."""
     try:
-        return trace_model(model)
+        return trace_model(model, method)
     except TraceError as exc:
         logger.warning("%s; falling back to forward hooks on named modules (activation names are module names)", exc)
         return None
@@ -203,7 +211,8 @@ def _copy_graph(graph: fx.Graph) -> tuple[fx.Graph, Any]:
     return new, value
 
 
-def _finish(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+def finish_graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """A GraphModule of ``graph`` over ``root``'s submodules, without dead nodes or unused submodules."""
     module = fx.GraphModule(root, graph, class_name=class_name)
     module.graph.eliminate_dead_code()
     module.graph.lint()
@@ -230,7 +239,7 @@ def truncate_graph(graph_module: fx.GraphModule, node_name: str) -> fx.GraphModu
     graph, _ = _copy_graph(graph_module.graph)
     by_name = {n.name: n for n in graph.nodes}
     graph.output(by_name[node_name])
-    return _finish(graph_module, graph, f"{type(graph_module).__name__}Front")
+    return finish_graph_module(graph_module, graph, f"{type(graph_module).__name__}Front")
 
 
 def probe_module(graph_module: fx.GraphModule, node_names: Sequence[str]) -> fx.GraphModule:
@@ -247,7 +256,7 @@ def probe_module(graph_module: fx.GraphModule, node_names: Sequence[str]) -> fx.
         with graph.inserting_after(node):
             outputs.append(graph.call_function(_detached_clone, (node,)))
     graph.output(tuple(outputs))
-    return _finish(graph_module, graph, f"{type(graph_module).__name__}Probe")
+    return finish_graph_module(graph_module, graph, f"{type(graph_module).__name__}Probe")
 
 
 def _detached_clone(value: Any) -> Any:

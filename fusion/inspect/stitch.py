@@ -14,21 +14,22 @@ chosen node, B's graph gets a new input in place of its chosen node. The stitchi
 
 :func:`fit_stitch` fits the layer in closed form from streamed sufficient statistics (means and
 cross-covariances, :class:`~fusion.inspect.moments.CrossMoments`) so memory does not grow with the
-data set, then optionally fine-tunes only the stitching layer by gradient descent.
+data set, then optionally fine-tunes only the stitching layer by gradient descent. The stitching layers
+are the regressable layers of :mod:`fusion.layers` (:class:`~fusion.layers.RegressableLinear`,
+:class:`~fusion.layers.ProcrustesLinear`, :class:`~fusion.layers.LowRankLinear`) acting on the channel
+dimension.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
-from tqdm.auto import tqdm
 
 from ..checks import (
     check_same_device,
@@ -40,14 +41,15 @@ from ..checks import (
     run_model,
 )
 from ..errors import DataError, ExampleInputError, StitchError, TraceError
-from .capture import TracedModel, copy_graph_module, trace_model, truncate_graph
+from ..layers import LowRankLinear, ProcrustesLinear, RegressableLinear
+from ..progress import tqdm
+from ..tracking import active_tracker
+from .capture import TracedModel, trace_model
+from .graphs import merge_graph_modules, set_output
 from .moments import CrossMoments
 
 __all__ = [
     "STITCH_KINDS",
-    "LinearStitch",
-    "LowRankStitch",
-    "ProcrustesStitch",
     "StitchFit",
     "StitchLayer",
     "StitchedModel",
@@ -63,183 +65,46 @@ logger = logging.getLogger(__name__)
 STITCH_KINDS = ("linear", "procrustes", "lowrank")
 
 
-def _pinv_psd(matrix: torch.Tensor, ridge: float, rcond: float) -> torch.Tensor:
-    """Pseudo-inverse of a symmetric PSD matrix, with ridge ``ridge * mean eigenvalue`` on the diagonal."""
-    values, vectors = torch.linalg.eigh(matrix)
-    top = values.max().clamp_min(0.0)
-    shifted = values + ridge * values.clamp_min(0.0).mean()
-    keep = shifted > rcond * top
-    inverse = torch.where(keep, 1.0 / torch.where(keep, shifted, torch.ones_like(shifted)), torch.zeros_like(shifted))
-    return (vectors * inverse) @ vectors.T
-
-
-class StitchLayer(nn.Module):
-    """Base class: an affine map ``y = W x + b`` over the channel dimension.
-
-    Vectors ``(N, C)`` are mapped along the last dimension; maps ``(N, C, *spatial)`` along
-    ``channel_dim`` at every position (a 1x1 convolution). Subclasses parameterise ``W`` and fit it
-    from :class:`CrossMoments` of (input, target) features.
-
-    Args:
-        in_features: channels of model A's representation.
-        out_features: channels of model B's representation.
-        channel_dim: channel dimension of inputs with three or more dimensions.
-    """
-
-    kind: ClassVar[str] = ""
-
-    def __init__(self, in_features: int, out_features: int, channel_dim: int = 1) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.channel_dim = in_features, out_features, channel_dim
-        self.bias = nn.Parameter(torch.zeros(out_features))
-
-    def weight_matrix(self) -> torch.Tensor:
-        """The effective ``(out_features, in_features)`` matrix ``W``."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() <= 2:
-            return F.linear(x, self.weight_matrix(), self.bias)
-        moved = torch.movedim(x, self.channel_dim, -1)
-        return torch.movedim(F.linear(moved, self.weight_matrix(), self.bias), -1, self.channel_dim)
-
-    def fit(self, moments: CrossMoments, ridge: float = 0.0, rcond: float = 1e-10) -> None:
-        """Set the parameters from the moments of input features ``x`` and target features ``y``."""
-        weight = self._fit_weight(moments, ridge, rcond)
-        bias = moments.mean_y - moments.mean_x @ weight.T
-        self._assign(weight)
-        with torch.no_grad():
-            self.bias.copy_(bias.to(self.bias))
-
-    def _fit_weight(self, moments: CrossMoments, ridge: float, rcond: float) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _assign(self, weight: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def constrain_(self) -> None:
-        """Project the parameters back onto the layer's constraint set (after a gradient step)."""
-
-    def explained_variance(self, moments: CrossMoments) -> float:
-        """``1 - SS_res / SS_tot`` of the current map on the data summarised by ``moments``."""
-        with torch.no_grad():
-            w = self.weight_matrix().detach().to(moments.sxx)
-            b = self.bias.detach().to(moments.sxx)
-            total = torch.trace(moments.syy)
-            shift = moments.mean_y - (w @ moments.mean_x + b)
-            residual = total - 2 * torch.trace(w @ moments.sxy) + torch.trace(w @ moments.sxx @ w.T)
-            residual = residual + moments.count * shift.dot(shift)
-        return float(1.0 - residual / total) if total > 0 else math.nan
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, channel_dim={self.channel_dim}"
-
-
-class LinearStitch(StitchLayer):
-    """Unconstrained affine stitch fitted by (ridge-)least squares."""
-
-    kind = "linear"
-
-    def __init__(self, in_features: int, out_features: int, channel_dim: int = 1) -> None:
-        super().__init__(in_features, out_features, channel_dim)
-        self.weight = nn.Parameter(torch.eye(out_features, in_features))
-
-    def weight_matrix(self) -> torch.Tensor:
-        return self.weight
-
-    def _fit_weight(self, moments: CrossMoments, ridge: float, rcond: float) -> torch.Tensor:
-        return (_pinv_psd(moments.sxx, ridge, rcond) @ moments.sxy).T
-
-    def _assign(self, weight: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.weight.copy_(weight.to(self.weight))
-
-
-class ProcrustesStitch(LinearStitch):
-    """Scaled (semi-)orthogonal stitch ``y = s R x + b`` fitted by orthogonal Procrustes.
-
-    With unequal widths ``R`` is semi-orthogonal (orthonormal rows or columns). ``scale=False``
-    fixes ``s = 1``.
-    """
-
-    kind = "procrustes"
-
-    def __init__(self, in_features: int, out_features: int, channel_dim: int = 1, scale: bool = True) -> None:
-        super().__init__(in_features, out_features, channel_dim)
-        self.scale = scale
-
-    def _fit_weight(self, moments: CrossMoments, ridge: float, rcond: float) -> torch.Tensor:
-        u, s, vh = torch.linalg.svd(moments.sxy, full_matrices=False)
-        rotation = (u @ vh).T
-        total = torch.trace(moments.sxx)
-        factor = s.sum() / total if self.scale and total > 0 else torch.ones((), dtype=s.dtype)
-        return factor * rotation
-
-    def constrain_(self) -> None:
-        with torch.no_grad():
-            u, s, vh = torch.linalg.svd(self.weight.double(), full_matrices=False)
-            factor = s.mean() if self.scale else 1.0
-            self.weight.copy_((factor * (u @ vh)).to(self.weight))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, scale={self.scale}"
-
-
-class LowRankStitch(StitchLayer):
-    """Rank-``rank`` affine stitch ``y = U (V x) + b`` fitted by reduced-rank regression."""
-
-    kind = "lowrank"
-
-    def __init__(self, in_features: int, out_features: int, rank: int, channel_dim: int = 1) -> None:
-        super().__init__(in_features, out_features, channel_dim)
-        self.rank = rank
-        self.down = nn.Parameter(torch.eye(rank, in_features))
-        self.up = nn.Parameter(torch.eye(out_features, rank))
-
-    def weight_matrix(self) -> torch.Tensor:
-        return self.up @ self.down
-
-    def _fit_weight(self, moments: CrossMoments, ridge: float, rcond: float) -> torch.Tensor:
-        ols = (_pinv_psd(moments.sxx, ridge, rcond) @ moments.sxy).T
-        fitted = ols @ moments.sxx @ ols.T
-        _, vectors = torch.linalg.eigh((fitted + fitted.T) / 2)
-        top = vectors[:, -self.rank :]
-        self._factors = (top, top.T @ ols)
-        return top @ top.T @ ols
-
-    def _assign(self, weight: torch.Tensor) -> None:
-        up, down = self._factors
-        del self._factors
-        with torch.no_grad():
-            self.up.copy_(up.to(self.up))
-            self.down.copy_(down.to(self.down))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.rank}"
+#: A stitching layer: one of the regressable linear layers of :mod:`fusion.layers`.
+StitchLayer = RegressableLinear | ProcrustesLinear | LowRankLinear
 
 
 def make_stitch_layer(
     kind: str, in_features: int, out_features: int, rank: int | None = None, channel_dim: int = 1, scale: bool = True
 ) -> StitchLayer:
-    """Build an (identity-initialised) stitching layer of the given kind.
+    """Build an identity-initialised stitching layer of the given kind (a :mod:`fusion.layers` linear layer).
+
+    The identity passes the leading ``min(in, out)`` channels through (zero bias, scale 1), which is the
+    "feed A's units straight into B" baseline.
 
     Raises:
         StitchError: unknown kind, or a rank missing / out of range / given for another kind.
     """
     if kind not in STITCH_KINDS:
         raise StitchError(f"unknown stitch {kind!r}; choose one of {', '.join(STITCH_KINDS)}")
-    if kind != "lowrank":
-        if rank is not None:
-            raise StitchError(f"rank={rank} only applies to stitch='lowrank', not {kind!r}")
-        if kind == "linear":
-            return LinearStitch(in_features, out_features, channel_dim)
-        return ProcrustesStitch(in_features, out_features, channel_dim, scale)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(in_features, out_features):
-        raise StitchError(
-            f"stitch='lowrank' needs an int rank in 1..{min(in_features, out_features)} "
-            f"(widths {in_features} -> {out_features}), got {rank!r}"
-        )
-    return LowRankStitch(in_features, out_features, rank, channel_dim)
+    if kind != "lowrank" and rank is not None:
+        raise StitchError(f"rank={rank} only applies to stitch='lowrank', not {kind!r}")
+    eye = torch.eye(out_features, in_features)
+    if kind == "linear":
+        layer: StitchLayer = RegressableLinear(in_features, out_features, channel_dim=channel_dim)
+        with torch.no_grad():
+            layer.weight.copy_(eye)
+    elif kind == "procrustes":
+        layer = ProcrustesLinear(in_features, out_features, scale=scale, channel_dim=channel_dim)
+        layer.rotation.set_(eye)
+    else:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(in_features, out_features):
+            raise StitchError(
+                f"stitch='lowrank' needs an int rank in 1..{min(in_features, out_features)} "
+                f"(widths {in_features} -> {out_features}), got {rank!r}"
+            )
+        layer = LowRankLinear(in_features, out_features, rank, channel_dim=channel_dim)
+        with torch.no_grad():
+            layer.down.weight.copy_(torch.eye(rank, in_features))
+            layer.up.weight.copy_(torch.eye(out_features, rank))
+    with torch.no_grad():
+        layer.bias.zero_()
+    return layer
 
 
 @dataclass(frozen=True)
@@ -259,51 +124,53 @@ class StitchFit:
 
 
 class StitchedModel(nn.Module):
-    """``back(stitch_layer(front(inputs)))``: A up to ``layer_a``, a stitching layer, B from ``layer_b`` on.
+    """A up to ``layer_a``, a stitching layer, then B from ``layer_b`` on, as one merged GraphModule.
 
     Attributes:
-        front: GraphModule of model A truncated at ``layer_a`` (frozen copy).
-        stitch_layer: the :class:`StitchLayer`; the only trainable part.
-        back: GraphModule of model B from ``layer_b`` on, taking the stitched representation (frozen copy).
+        stitch_layer: the stitching layer (a :mod:`fusion.layers` linear layer); the only trainable part.
+        model: the merged GraphModule (:func:`~fusion.inspect.graphs.merge_graph_modules` of the frozen
+            copies of A and B and the stitching layer); calling the stitched model calls it.
+        front: model A cut at ``layer_a`` (:func:`~fusion.inspect.graphs.set_output`; shares A's modules
+            with ``model``).
+        target: model B cut at ``layer_b``: what the stitching layer is fitted to reproduce.
         layer_a, layer_b: the layer names as given; node_a, node_b: the fx node names.
         fit_info: a :class:`StitchFit` once :func:`fit_stitch` has run, else None.
     """
 
     def __init__(
         self,
-        front: fx.GraphModule,
         stitch_layer: StitchLayer,
-        back: fx.GraphModule,
+        model: fx.GraphModule,
+        front: fx.GraphModule,
         target: fx.GraphModule,
         layers: tuple[str, str],
         nodes: tuple[str, str],
     ) -> None:
         super().__init__()
-        self.front, self.stitch_layer, self.back = front, stitch_layer, back
-        self._target = [target]  # in a list so that it is not a registered submodule
+        self.stitch_layer = stitch_layer
+        self.model = model
+        self._views = (front, target)  # a tuple, so that they are not registered submodules
         self.layer_a, self.layer_b = layers
         self.node_a, self.node_b = nodes
         self.fit_info: StitchFit | None = None
 
     @property
+    def front(self) -> fx.GraphModule:
+        """Model A up to ``layer_a``."""
+        return self._views[0]
+
+    @property
     def target(self) -> fx.GraphModule:
-        """Model B truncated at ``layer_b``: what the stitching layer is fitted to reproduce."""
-        return self._target[0]
+        """Model B up to ``layer_b``."""
+        return self._views[1]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.back(self.stitch_layer(self.front(*args, **kwargs)))
+        return self.model(*args, **kwargs)
 
     def features(self, inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A's representation at layer_a, B's representation at layer_b)`` for ``inputs``."""
-        target = self.target.to(model_device(self.back))
+        target = self.target.to(model_device(self.stitch_layer))
         return run_model(self.front, inputs, "data"), run_model(target, inputs, "data")
-
-    def flatten(self, features: torch.Tensor) -> torch.Tensor:
-        """``(samples, channels)`` rows: each spatial position of a feature map is a sample."""
-        if features.dim() <= 2:
-            return features
-        moved = torch.movedim(features, self.stitch_layer.channel_dim, -1)
-        return moved.reshape(-1, moved.shape[-1])
 
 
 def _trace(model: nn.Module, argument: str) -> TracedModel:
@@ -323,29 +190,13 @@ def _node_of(traced: TracedModel, layer: str, argument: str) -> str:
     return nodes[0]
 
 
-def _cut_back(traced: TracedModel, node_name: str, layer: str) -> fx.GraphModule:
-    """Model B's graph from ``node_name`` on, with that node replaced by a new input ``stitched``."""
-    module = copy_graph_module(traced.graph_module, "StitchedBack")
-    graph = module.graph
-    nodes = {n.name: n for n in graph.nodes}
-    with graph.inserting_before(next(iter(graph.nodes))):
-        new = graph.placeholder("stitched")
-    nodes[node_name].replace_all_uses_with(new)
-    graph.eliminate_dead_code()
-    old = [n for n in graph.nodes if n.op == "placeholder" and n is not new]
-    used = [n.name for n in old if n.users]
-    if used:
+def _check_cut(traced: TracedModel, node: str, layer: str) -> None:
+    """Raise unless ``node`` cuts model B in two (nothing after it reads anything before it)."""
+    if node not in _cut_nodes(traced):
         raise StitchError(
-            f"layer_b={layer!r} does not cut model_b in two: layers after it also read the input(s) "
-            f"{', '.join(used)} (e.g. a residual connection bypassing it); stitch at a block output instead, "
-            f"see cut_points(model_b)"
+            f"layer_b={layer!r} does not cut model_b in two: layers after it also read what comes before it "
+            f"(e.g. a residual connection bypassing it); stitch at a block output instead, see cut_points(model_b)"
         )
-    for node in old:
-        graph.erase_node(node)
-    graph.lint()
-    module.delete_all_unused_submodules()
-    module.recompile()
-    return module
 
 
 def _channel_dim(features: torch.Tensor, channel_dim: int | None) -> int:
@@ -423,16 +274,21 @@ def stitch(
     traced_b = _trace(copy.deepcopy(model_b).requires_grad_(False), "model_b")
     node_a = _node_of(traced_a, layer_a, "layer_a")
     node_b = _node_of(traced_b, layer_b, "layer_b")
-    front = truncate_graph(traced_a.graph_module, node_a)
-    target = truncate_graph(traced_b.graph_module, node_b)
-    back = _cut_back(traced_b, node_b, layer_b)
+    _check_cut(traced_b, node_b, layer_b)
+    front = set_output(traced_a.graph_module, node_a, error=StitchError)
+    target = set_output(traced_b.graph_module, node_b, error=StitchError)
     inputs = move_inputs(example_inputs, device)
     with torch.no_grad(), eval_mode(front), eval_mode(target):
         x = run_model(front, inputs)
         y = run_model(target, inputs)
     cd = _check_features(x, y, (layer_a, layer_b), channel_dim)
     layer = make_stitch_layer(stitch, x.shape[cd], y.shape[cd], rank, cd, scale).to(device=device, dtype=x.dtype)
-    stitched = StitchedModel(front, layer, back, target, (layer_a, layer_b), (node_a, node_b))
+    merged = merge_graph_modules(
+        {"a": traced_a.graph_module, "stitch": layer, "b": traced_b.graph_module},
+        {"stitch": f"a.{node_a}", f"b.{node_b}": "stitch"},
+        output="b", opaque=("stitch",), class_name="Stitched", error=StitchError,
+    )
+    stitched = StitchedModel(layer, merged, front, target, (layer_a, layer_b), (node_a, node_b))
     with torch.no_grad(), eval_mode(stitched):
         try:
             run_model(stitched, inputs)
@@ -445,21 +301,21 @@ def stitch(
 
 def _accumulate(stitched: StitchedModel, data: Any, max_batches: int | None, progress: bool) -> CrossMoments:
     moments = CrossMoments()
-    device = model_device(stitched.back)
+    device = model_device(stitched.stitch_layer)
     batches = tqdm(iter_batches(data), desc="fit stitch", disable=not progress, leave=False)
     with torch.no_grad(), eval_mode(stitched):
         for k, (inputs, _) in enumerate(batches):
             if max_batches is not None and k >= max_batches:
                 break
             x, y = stitched.features(move_inputs(inputs, device))
-            moments.update(stitched.flatten(x), stitched.flatten(y))
+            stitched.stitch_layer.update_moments(moments, x, y)
     return moments
 
 
 def _finetune(
     stitched: StitchedModel, data: Any, epochs: int, lr: float, loss: str, max_batches: int | None, progress: bool
 ) -> list[float]:
-    device = model_device(stitched.back)
+    device = model_device(stitched.stitch_layer)
     optimizer = torch.optim.Adam(stitched.stitch_layer.parameters(), lr=lr)
     losses = []
     with eval_mode(stitched):
@@ -469,21 +325,20 @@ def _finetune(
                 if max_batches is not None and k >= max_batches:
                     break
                 inputs = move_inputs(inputs, device)
-                with torch.no_grad():
-                    x, y = stitched.features(inputs) if loss == "activation" else (run_model(stitched.front, inputs), None)
-                mapped = stitched.stitch_layer(x)
                 if loss == "activation":
-                    value = F.mse_loss(mapped, y)
+                    with torch.no_grad():
+                        x, y = stitched.features(inputs)
+                    value = F.mse_loss(stitched.stitch_layer(x), y)
                 else:
                     if targets is None:
                         raise DataError("fine-tuning with loss='task' needs (inputs, targets) batches; use loss='activation'")
-                    value = F.cross_entropy(stitched.back(mapped), targets.to(device))
+                    value = F.cross_entropy(run_model(stitched, inputs, "data"), targets.to(device))
                 optimizer.zero_grad()
                 value.backward()
                 optimizer.step()
-                stitched.stitch_layer.constrain_()
                 total, count = total + float(value.detach()), count + 1
             losses.append(total / max(count, 1))
+            active_tracker().log_metrics({"stitch_finetune_loss": losses[-1]}, step=epoch)
             logger.info("stitch fine-tuning epoch %d: loss %.5g", epoch + 1, losses[-1])
     return losses
 
@@ -511,7 +366,8 @@ def fit_stitch(
         stitched: a :class:`StitchedModel` from :func:`stitch`.
         data: DataLoader or iterable of ``(inputs, targets)`` batches (or input tensors), or one tensor.
         progress: show tqdm progress bars.
-        finetune_epochs: epochs of gradient fine-tuning of the stitching layer after the closed-form fit.
+        finetune_epochs: epochs of gradient fine-tuning of the stitching layer after the closed-form fit (each
+            epoch's mean loss also goes to the active MLflow run as ``stitch_finetune_loss``, see :mod:`fusion.tracking`).
         lr: Adam learning rate for fine-tuning.
         loss: fine-tuning objective: ``"task"`` (cross-entropy of the stitched output against the batch
             targets) or ``"activation"`` (MSE to B's representation at ``layer_b``).
@@ -541,13 +397,26 @@ def fit_stitch(
             "generalise; use more data", stitched.stitch_layer.in_features, moments.count,
         )
     model = stitched if inplace else copy.deepcopy(stitched)
-    model.stitch_layer.fit(moments, ridge)
+    model.stitch_layer.fit_moments(moments, ridge=ridge)
     explained = model.stitch_layer.explained_variance(moments)
     losses = _finetune(model, data, finetune_epochs, lr, loss, max_batches, progress) if finetune_epochs else []
     model.fit_info = StitchFit(moments.count, explained, tuple(losses))
     logger.info("stitch %s -> %s fitted on %d samples: explained variance %.4f", model.layer_a, model.layer_b,
                 moments.count, explained)
     return model
+
+
+def _cut_nodes(traced: TracedModel) -> set[str]:
+    """Names of the nodes after which nothing reads a value computed before them (placeholders excluded)."""
+    nodes = [n for n in traced.graph.nodes if n.op not in ("get_attr", "output")]
+    index = {n: k for k, n in enumerate(nodes)}
+    reach = [min((index[a] for a in n.all_input_nodes if a in index), default=k) for k, n in enumerate(nodes)]
+    cuts, lowest = set(), len(nodes)
+    for k in range(len(nodes) - 1, -1, -1):
+        if lowest >= k and nodes[k].op != "placeholder":
+            cuts.add(nodes[k].name)
+        lowest = min(lowest, reach[k])
+    return cuts
 
 
 def cut_points(model: nn.Module, unique: bool = True) -> list[str]:
@@ -564,14 +433,8 @@ def cut_points(model: nn.Module, unique: bool = True) -> list[str]:
         Module names in execution order.
     """
     traced = _trace(model, "model")
+    cuts = _cut_nodes(traced)
     nodes = [n for n in traced.graph.nodes if n.op not in ("get_attr", "output")]
-    index = {n: k for k, n in enumerate(nodes)}
-    reach = [min((index[a] for a in n.all_input_nodes if a in index), default=k) for k, n in enumerate(nodes)]
-    cuts, lowest = set(), len(nodes)
-    for k in range(len(nodes) - 1, -1, -1):
-        if lowest >= k and nodes[k].op != "placeholder":
-            cuts.add(nodes[k].name)
-        lowest = min(lowest, reach[k])
     by_node: dict[str, list[str]] = {}
     for module, node in traced.module_nodes.items():
         if node in cuts:

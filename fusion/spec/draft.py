@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
+from .._lazy import tp
 from .records import AxisMember, PermutationGroup
 from .rules import _axis_rule, _Unsupported
 

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
+from .._lazy import tp
 from ..checks import describe_shapes, eval_mode, run_model
 from ..errors import PermutationError, TraceError
 
