@@ -22,6 +22,7 @@ setup(
         if line.strip() and not line.startswith("#")
     ],
     extras_require={"test": ["pytest>=7", "hypothesis>=6", "pyyaml>=5"], "yaml": ["pyyaml>=5"],
-                    "mlflow": ["mlflow-skinny>=2.10"]},
+                    "mlflow": ["mlflow-skinny>=2.10"],
+                    "merge": ["pyyaml>=5", "safetensors>=0.4", "transformers>=4.40"]},
     entry_points={"console_scripts": ["fusion=fusion.cli:main"]},
 )

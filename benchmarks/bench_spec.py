@@ -8,9 +8,14 @@ minimum over ``--repeat`` runs (more for calls under 0.5 s, up to 20, except wit
 * ``fusion.permutation_spec(model, x, verify=False)`` and with the default ``verify=True`` (every group
   checked by a float64 forward pass with a random permutation, failing groups found by bisection);
 * ``fusion.permute(model, random_permutation(spec), spec)`` (the permuted copy is checked to compute
-  the same function).
+  the same function);
+* the structural verification alone (``fusion.spec.verify.verify_groups`` on the unverified groups:
+  float64 deep copy with re-drawn weights, reference and permuted passes on the example and a fresh
+  input, bisection if a group fails) against **one forward pass of that float64 copy** on the example
+  input. The ideal is about 4 passes plus the copy (2 inputs x reference and permuted).
 
-Goal (from the issue): spec build <= 2x ``build_dependency``. When the ratio is above 2, the
+Goal (from the issue): spec build <= 2x ``build_dependency``; verification a small multiple of two
+float64 forward passes. When the ratio is above 2, the
 worst model's ``permutation_spec`` call is profiled once with cProfile and the top costs are shown.
 
 Usage::
@@ -32,6 +37,7 @@ import torchvision
 from torch import nn
 
 import fusion
+from fusion.spec.verify import structural_copy, verify_groups
 
 #: Goal of the issue: spec build time / build_dependency time.
 GOAL_RATIO = 2.0
@@ -40,9 +46,9 @@ GOAL_RATIO = 2.0
 MIN_SECONDS, MAX_RUNS = 0.5, 20
 
 #: Cumulative costs shown in the profile breakdown (phases of ``permutation_spec``).
-PHASES = ("permutation_spec", "copy.py:deepcopy", "_build_graph", "build_dependency", "get_all_groups",
-          "_draft_group", "_groups_from_draft", "_attention_groups", "fusion/spec.py:__init__", "failing", "_forward",
-          "permute_state_dict", "module.py:state_dict")
+PHASES = ("permutation_spec", "_build_graph", "build_dependency", "_all_groups", "get_all_groups", "_draft_group",
+          "_groups_from_draft", "_attention_groups", "_check_indices", "verify_groups", "structural_copy", "_redraw",
+          "difference", "_forward", "permute_state_dict", "module.py:state_dict")
 
 
 def _vit() -> nn.Module:
@@ -80,7 +86,16 @@ def measure(name: str, repeat: int, seed: int, warmup: bool = False,
     torch.manual_seed(seed)
     model = MODELS[name]().eval()
     x = torch.randn(1, 3, 64, 64)
+    unverified = fusion.permutation_spec(model, x, verify=False).groups
+    copy64, x64 = structural_copy(model, seed), x.double()
+
+    def forward64() -> Any:
+        with torch.no_grad():
+            return copy64(x64)
+
     calls = {
+        "fwd64_s": forward64,
+        "verify_s": lambda: verify_groups(model, x, unverified, seed),
         "tp_build_s": lambda: _tp_build(model, x, groups=False),
         "tp_build_groups_s": lambda: _tp_build(model, x, groups=True),
         "spec_noverify_s": lambda: fusion.permutation_spec(model, x, verify=False),
@@ -116,6 +131,8 @@ def measure(name: str, repeat: int, seed: int, warmup: bool = False,
         permute_rel_diff=fusion.verify_equivalence(model, permuted, x_check),
         runs=runs,
     )
+    row["verify_over_fwd64"] = row["verify_s"] / row["fwd64_s"]
+    row["refused_by_verification"] = len(unverified) - len(spec.groups)
     row["ratio_spec"] = row["spec_s"] / row["tp_build_s"]
     row["ratio_spec_noverify"] = row["spec_noverify_s"] / row["tp_build_s"]
     row["ratio_spec_vs_groups"] = row["spec_s"] / row["tp_build_groups_s"]
@@ -138,6 +155,10 @@ COLUMNS = {
     "spec_s": "spec s", "ratio_spec_noverify": "verify=False / build", "ratio_spec": "spec / build",
     "ratio_spec_vs_groups": "spec / (build+groups)", "permute_s": "permute s", "permute_rel_diff": "permute rel. diff",
 }
+VERIFY_COLUMNS = {
+    "model": "model", "groups": "groups", "refused_by_verification": "refused by verification",
+    "fwd64_s": "float64 forward s", "verify_s": "verification s", "verify_over_fwd64": "verification / float64 forward",
+}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -152,13 +173,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = [measure(name, repeat, args.seed, warmup=i == 0, min_seconds=min_seconds) for i, name in enumerate(names)]
     table = common.markdown_table(rows, COLUMNS)
     sections = [(f"Spec build vs torch-pruning (64x64 inputs, best of >= {repeat} runs, {args.threads} thread(s))",
-                 table)]
+                 table),
+                ("Structural verification cost, in float64 forward passes of the re-drawn copy (batch 1, 64x64)",
+                 common.markdown_table(rows, VERIFY_COLUMNS))]
     worst = max(rows, key=lambda r: r["ratio_spec"])
     met = [r["model"] for r in rows if r["ratio_spec"] <= GOAL_RATIO]
     notes = [
         f"Goal spec build <= {GOAL_RATIO:g}x build_dependency: met on {len(met)}/{len(rows)} models"
         + (f" ({', '.join(met)})" if met else "") + f"; worst ratio {worst['ratio_spec']:.1f}x on {worst['model']} "
         f"({worst['ratio_spec_noverify']:.1f}x with verify=False).",
+        "Verification costs {:.1f}x-{:.1f}x one float64 forward pass (median {:.1f}x).".format(
+            min(r["verify_over_fwd64"] for r in rows), max(r["verify_over_fwd64"] for r in rows),
+            sorted(r["verify_over_fwd64"] for r in rows)[len(rows) // 2]),
     ]
     profile = None
     if worst["ratio_spec"] > GOAL_RATIO and not args.no_profile:

@@ -1,10 +1,12 @@
-"""A memory guard for graph traversals that can blow up.
+"""A memory and time guard for graph traversals that can blow up.
 
 torch-pruning's index mappings through reshapes expand every channel into lists of positions;
 on some architectures (MaxViT's window partitions) chained expansions grow without bound and take
-all memory. :func:`memory_guard` checks the process's resident memory a few times a second
-and raises :class:`~fusion.errors.TraceError` inside the guarded block when it grows by more
-than the budget, so the caller gets an error instead of an out-of-memory kill.
+all memory, and on others (ReXNet, grouped-query attention) its graph fix-up runs for minutes.
+:func:`memory_guard` checks the process's resident memory and the elapsed time a few times a
+second and raises :class:`~fusion.errors.TraceError` inside the guarded block when memory grows
+by more than the budget or the deadline passes, so the caller gets an error instead of an
+out-of-memory kill or a hang.
 
 The check runs from a timer signal, so it guards the main thread on POSIX systems; elsewhere
 the block runs unguarded.
@@ -16,6 +18,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 from .errors import TraceError
@@ -47,16 +50,23 @@ def available_bytes() -> int:
 
 
 @contextlib.contextmanager
-def memory_guard(what: str, budget: int | None = None, interval: float = 0.25) -> Iterator[None]:
-    """Raise :class:`TraceError` in the block if resident memory grows by more than ``budget`` bytes.
+def memory_guard(what: str, budget: int | None = None, interval: float = 0.25,
+                 deadline: float | None = None) -> Iterator[None]:
+    """Raise :class:`TraceError` in the block if resident memory grows by more than ``budget`` bytes
+    or the clock passes ``deadline``.
 
     Args:
         what: names the work in the error message.
         budget: allowed growth (default: half of the memory available when the block starts).
         interval: seconds between checks.
+        deadline: a :func:`time.monotonic` time after which the block is stopped (None: no limit).
+            Already passed on entry: raises at once.
     """
+    if deadline is not None and time.monotonic() >= deadline:
+        raise TraceError(f"{what} was not started: the time budget (timeout=) was already spent")
+    measurable = resident_bytes() > 0
     usable = (hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-              and resident_bytes() > 0)
+              and (measurable or deadline is not None))
     if not usable:
         yield
         return
@@ -64,7 +74,13 @@ def memory_guard(what: str, budget: int | None = None, interval: float = 0.25) -
     limit = budget if budget is not None else max(available_bytes() // 2, 1 << 30)
 
     def check(signum: int, frame: object) -> None:
-        grown = resident_bytes() - start
+        if deadline is not None and time.monotonic() > deadline:
+            raise TraceError(
+                f"{what} ran past its time budget and was stopped: torch-pruning's graph traversal does not "
+                "finish on this architecture; raise timeout=, pass ignored_layers for the offending blocks or "
+                "build the spec on a smaller sub-module"
+            )
+        grown = resident_bytes() - start if measurable else 0
         if grown > limit:
             raise TraceError(
                 f"{what} used {grown / 2**30:.1f} GiB and was stopped (budget {limit / 2**30:.1f} GiB): "
@@ -73,9 +89,11 @@ def memory_guard(what: str, budget: int | None = None, interval: float = 0.25) -
             )
 
     previous = signal.signal(signal.SIGALRM, check)
-    signal.setitimer(signal.ITIMER_REAL, interval, interval)
+    outer_timer = signal.setitimer(signal.ITIMER_REAL, interval, interval)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_timer[0] > 0:  # an enclosing guard's timer keeps running
+            signal.setitimer(signal.ITIMER_REAL, *outer_timer)

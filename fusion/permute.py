@@ -303,6 +303,9 @@ def verify_equivalence(model_a: nn.Module, model_b: nn.Module, example_inputs: A
         data: instead of ``example_inputs``, a DataLoader or iterable of batches (labels ignored,
             e.g. a whole test split): the maxima run over all of them.
 
+    This compares two models *with their own weights*; whether a permutation is a symmetry of the
+    architecture (for every weight values) is checked by :func:`~fusion.structural_difference`.
+
     Returns:
         A float (0.0 for identical functions).
 

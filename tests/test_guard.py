@@ -26,3 +26,18 @@ def test_work_within_the_budget_is_untouched():
     with memory_guard("small work", budget=1 << 30, interval=0.01):
         total = sum(range(100_000))
     assert total == 4999950000
+
+
+def test_work_past_the_deadline_raises_trace_error_naming_it():
+    with pytest.raises(TraceError, match="endless loop ran past its time budget"):
+        with memory_guard("endless loop", interval=0.01, deadline=time.monotonic() + 0.05):
+            while True:
+                time.sleep(0.001)
+
+
+def test_deadline_already_passed_raises_before_the_work():
+    ran = []
+    with pytest.raises(TraceError, match="not started"):
+        with memory_guard("late work", deadline=time.monotonic() - 1):
+            ran.append(True)
+    assert not ran

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from conftest import EQUIV_TOL
 from hand_models import (
@@ -68,7 +72,7 @@ def test_mlp_has_one_group_per_hidden_layer_and_keeps_inputs_and_logits():
     assert ("layers.0.weight", 1) not in axes(spec)  # input features stay
     assert ("layers.2.weight", 0) not in axes(spec)  # logits stay
     assert [s.name for s in spec.skipped] == ["layers.2"]
-    assert "output" in spec.skipped[0].reason
+    assert spec.skipped[0].kind == "output"
     first = spec.group("layers.0")
     assert set(first.axes) == {("layers.0.weight", 0), ("layers.0.bias", 0), ("layers.1.weight", 1)}
 
@@ -103,7 +107,7 @@ def test_chunk_is_split_per_consumer_or_refused_never_wrong():
     halves = [g for g in spec.groups if g.name.startswith("conv")]
     refused = [s for s in spec.skipped if s.name.startswith("conv")]
     assert sorted(g.size for g in halves + refused) == [4, 4]
-    assert all("changed the output" in s.reason for s in refused)
+    assert all(s.kind == "verification" for s in refused)
     permuted = fusion.permute(model, fusion.random_permutation(spec, seed=5), spec)
     assert fusion.verify_equivalence(model, permuted, x) <= EQUIV_TOL
 
@@ -158,7 +162,7 @@ def test_ignored_layers_are_left_in_place():
     model, x = build("mlp")
     spec = fusion.permutation_spec(model, x, ignored_layers=["layers.0"])
     assert "layers.0" not in spec
-    assert any(s.name == "layers.0" and "ignored" in s.reason for s in spec.skipped)
+    assert any(s.name == "layers.0" and s.kind == "ignored" for s in spec.skipped)
 
 
 def test_spec_does_not_touch_the_model():
@@ -228,6 +232,15 @@ def test_coverage_reports_changed_parameters(width):
     cov = fusion.permutation_coverage(model, torch.randn(2, 8))
     assert cov.groups == 2 and cov.hidden_groups_permuted == 1.0
     assert 0.5 < cov.params_changed <= 1.0 and cov.max_rel_diff <= EQUIV_TOL
+    assert cov.structural_diff <= fusion.spec.STRUCTURAL_TOLERANCE
+    assert cov.skipped_by_kind == {"output": 1}
+
+
+def test_coverage_counts_refused_groups_by_kind_not_by_reason_text():
+    # The refused group's reason mentions "output"-like words; it must still count as a hidden set.
+    cov = fusion.permutation_coverage(WeightStandardised().eval(), IMAGE)
+    assert cov.groups == 0 and cov.hidden_groups_permuted == 0.0
+    assert cov.skipped_by_kind == {"output": 1, "unmoved tensor": 1}
 
 
 def test_resnet18_spec_on_real_model():
@@ -250,3 +263,197 @@ def test_recurrent_hidden_units_are_refused_but_its_inputs_move():
     spec = fusion.permutation_spec(model, x)
     assert ("lstm.weight_ih_l0", 1) in spec.group("pre").axes
     assert any(s.name == "lstm" and "recurrent" in s.reason for s in spec.skipped)
+
+
+# --------------------------------------------------------------------------------------------
+# Structural verification
+# --------------------------------------------------------------------------------------------
+
+
+class ScaledStdConv(nn.Conv2d):
+    """A weight-standardised convolution with a per-channel gain that no permutation rule knows."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+
+    def forward(self, x):
+        w = self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)
+        w = w / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, self.gain * w, self.bias)
+
+
+class WeightStandardised(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = ScaledStdConv(3, 6, 3, padding=1), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(F.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def norm_only_group(model_spec_group):
+    """A wrong group: a BatchNorm's channels moved without the conv that feeds it."""
+    return [fusion.PermutationGroup("wrong", model_spec_group.size,
+                                    tuple(m for m in model_spec_group.members if m.name.startswith("stem.1")))]
+
+
+def test_structural_difference_of_a_correct_spec_is_rounding():
+    model, x = build("residual")
+    spec = fusion.permutation_spec(model, x)
+    assert fusion.structural_difference(model, spec, x, seed=4) <= fusion.spec.STRUCTURAL_TOLERANCE
+
+
+def test_structural_difference_sees_a_coupling_that_random_init_hides():
+    model, x = build("residual")
+    fresh = type(model)().eval()  # BatchNorm at init: scale 1, shift 0, statistics 0/1
+    wrong = norm_only_group(fusion.permutation_spec(model, x).group("stem.0"))
+    perms = fusion.random_permutation(wrong, seed=1)
+    state = fusion.permute_state_dict(fresh.state_dict(), wrong, perms)
+    assert all(torch.equal(state[k], v) for k, v in fresh.state_dict().items())  # invisible on the model
+    assert fusion.structural_difference(fresh, wrong, x, perms=perms) > 1e-3
+
+
+def test_structural_difference_leaves_the_model_untouched():
+    model, x = build("residual")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fusion.structural_difference(model, fusion.permutation_spec(model, x), x)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_structural_difference_of_identity_is_zero():
+    model, x = build("concat")
+    spec = fusion.permutation_spec(model, x)
+    assert fusion.structural_difference(model, spec, x, perms=fusion.identity_permutation(spec)) == 0.0
+
+
+def test_a_tensor_that_no_rule_moves_refuses_its_group_and_is_named():
+    model, x = WeightStandardised().eval(), IMAGE
+    spec = fusion.permutation_spec(model, x)
+    refused = next(s for s in spec.skipped if s.name == "conv")
+    assert refused.kind == "unmoved tensor" and "conv.gain" in refused.reason
+    assert "conv" not in spec
+
+
+def test_integer_inputs_are_redrawn_within_their_range_and_masks_kept():
+    from fusion.spec.verify import fresh_inputs
+
+    tokens = torch.randint(3, 9, (4, 50))
+    mask = torch.ones(4, 50, dtype=torch.long)
+    new = fresh_inputs({"input_ids": tokens, "attention_mask": mask, "x": torch.randn(2, 3)}, seed=1)
+    assert int(new["input_ids"].min()) >= 3 and int(new["input_ids"].max()) <= 8
+    assert not torch.equal(new["input_ids"], tokens)
+    assert torch.equal(new["attention_mask"], mask)
+    assert new["x"].dtype == torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# Nothing escapes: bad index mappings, third-party exceptions, hangs
+# --------------------------------------------------------------------------------------------
+
+
+class TinyMixer(nn.Module):
+    """MLP-Mixer block: a token-mixing linear that torch-pruning maps as if it read channels."""
+
+    def __init__(self, c=8, tokens=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 2, stride=2)
+        self.norm = nn.LayerNorm(c)
+        self.tokens, self.channels, self.head = nn.Linear(tokens, tokens), nn.Linear(c, c), nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        x = x + self.tokens(self.norm(x).transpose(1, 2)).transpose(1, 2)
+        return self.head((x + self.channels(self.norm(x))).mean(1))
+
+
+class Slow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        time.sleep(5)  # interrupted by the time guard
+        return self.fc(x)
+
+
+def test_out_of_range_mapping_is_refused_as_unmapped_not_raised():
+    spec = fusion.permutation_spec(TinyMixer().eval(), torch.randn(2, 3, 4, 4))
+    stem = next(s for s in spec.skipped if s.name == "stem")
+    assert stem.kind == "unmapped" and "tokens.weight" in stem.reason and "out of range" in stem.reason
+
+
+def test_indices_are_checked_against_shapes_and_overlaps():
+    from fusion.spec.build import _check_indices
+
+    shapes = {"a.weight": (4, 3), "b.weight": (2, 4)}
+    ok = fusion.PermutationGroup("ok", 2, (fusion.AxisMember("a.weight", 0, torch.tensor([[0], [1]])),))
+    clash = fusion.PermutationGroup("clash", 2, (fusion.AxisMember("a.weight", 0, torch.tensor([[1], [2]])),))
+    outside = fusion.PermutationGroup("outside", 2, (fusion.AxisMember("b.weight", 1, torch.tensor([[3], [4]])),))
+    repeated = fusion.PermutationGroup("repeated", 2, (fusion.AxisMember("b.weight", 1, torch.tensor([[0], [0]])),))
+    unknown = fusion.PermutationGroup("unknown", 2, (fusion.AxisMember("c.weight", 0, torch.tensor([[0], [1]])),))
+    accepted, refused = _check_indices([ok, clash, outside, repeated, unknown], shapes)
+    assert [g.name for g in accepted] == ["ok"]
+    assert {s.name: s.kind for s in refused} == dict.fromkeys(["clash", "outside", "repeated", "unknown"], "unmapped")
+
+
+def test_exception_inside_one_group_refuses_that_group(monkeypatch):
+    def broken(*args, **kwargs):
+        raise IndexError("index 9 is out of bounds for dimension 0 with size 9")
+
+    monkeypatch.setattr("fusion.spec.build._groups_from_draft", broken)
+    spec = fusion.permutation_spec(*build("mlp"))
+    assert not spec.groups
+    assert {s.kind for s in spec.skipped} == {"output", "unmapped"}
+    assert any("IndexError" in s.reason for s in spec.skipped)
+
+
+def test_exception_outside_any_group_is_a_trace_error(monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("third-party bug")
+
+    monkeypatch.setattr("fusion.spec.build._unique_names", broken)
+    with pytest.raises(TraceError, match="KeyError"):
+        fusion.permutation_spec(*build("mlp"))
+
+
+def test_tracing_past_the_timeout_is_a_trace_error_naming_the_stage_and_leaves_no_hooks():
+    model = Slow()
+    x = torch.randn(2, 4)
+    with pytest.raises(TraceError, match="tracing Slow .*time budget"):
+        fusion.permutation_spec(model, x, timeout=0.01)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_timeout_must_be_positive():
+    with pytest.raises(PermutationError, match="timeout"):
+        fusion.permutation_spec(*build("mlp"), timeout=0)
+
+
+def test_model_that_cannot_be_copied_has_every_group_refused_with_a_reason():
+    model, x = build("mlp")
+    model.lock = threading.Lock()  # deepcopy cannot copy a lock
+    spec = fusion.permutation_spec(model, x)
+    assert not spec.groups and {s.kind for s in spec.skipped} == {"output", "trace"}
+    assert any("deep-copy" in s.reason for s in spec.skipped)
+    assert fusion.permutation_spec(model, x, verify=False).groups
+
+
+class Float32Only(nn.Module):
+    """Casts its input to float32 itself, so its copy cannot run in float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = MLP()
+
+    def forward(self, x):
+        return self.mlp(x.to(torch.float32))
+
+
+def test_model_that_cannot_run_in_float64_is_verified_in_its_own_dtype(caplog):
+    model, x = Float32Only().eval(), torch.randn(3, 8)
+    spec = fusion.permutation_spec(model, x)
+    assert [g.size for g in spec.groups] == [16, 12]
+    assert "verifying in torch.float32" in caplog.text

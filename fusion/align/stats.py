@@ -1,7 +1,7 @@
 """Streamed activation statistics of permutation groups, O(width^2) memory per group.
 
 Model A and model B run on the same batches; at each group's capture site the activations of
-its units are gathered and folded into running moments (:class:`~fusion.inspect.moments.CrossMoments`
+its units are gathered and folded into running moments (:class:`~fusion.moments.CrossMoments`
 with per-unit variances and the full cross-covariance), so the memory is independent of the
 data-set size. From them come means, standard deviations, cross-correlations (activation
 matching) and squared distances (optimal transport on activations).
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..checks import eval_mode, iter_batches, model_device, move_inputs, run_model
-from ..inspect.moments import CrossMoments
+from ..moments import CrossMoments
 from ..progress import tqdm
 from ..spec import AxisMember, PermutationGroup, PermutationSpec
 

@@ -39,7 +39,7 @@ def _spec_dict(spec: Any) -> dict[str, Any]:
              "consumers": list(g.consumers), "tensors": [[m.name, m.axis] for m in g.members]}
             for g in spec.groups
         ],
-        "skipped": [{"name": s.name, "size": s.size, "reason": s.reason} for s in spec.skipped],
+        "skipped": [{"name": s.name, "size": s.size, "kind": s.kind, "reason": s.reason} for s in spec.skipped],
     }
 
 

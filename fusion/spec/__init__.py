@@ -16,14 +16,16 @@ group (``perm[i]`` = the unit of the source model that lands at position ``i``) 
 ``index[perm[i]]`` to ``index[i]`` on every member at once.
 
 Where the graph is unsure, the group is left out and listed in :attr:`PermutationSpec.skipped`
-with a reason: a refused group costs coverage, a wrong one costs the user's model. By default
-every group is also checked on the real model (a random permutation must leave the output of
-``example_inputs`` unchanged) and groups that fail are found by bisection and refused.
+with a reason and a kind: a refused group costs coverage, a wrong one costs the user's model. By
+default every group is also checked structurally (:mod:`fusion.spec.verify`): on a float64 copy
+of the model with every parameter and normalisation statistic re-drawn at O(1) scale, a random
+permutation must leave the output on ``example_inputs`` and on a fresh random input unchanged
+(relative difference <= 1e-9); groups that fail are found by bisection and refused.
 """
 
 from .build import permutation_spec
-from .records import AxisMember, PermutationGroup, PermutationSpec, SkippedGroup
-from .verify import relative_difference
+from .records import SKIP_KINDS, AxisMember, PermutationGroup, PermutationSpec, SkippedGroup
+from .verify import STRUCTURAL_TOLERANCE, relative_difference, structural_difference
 
 __all__ = [
     "AxisMember",
@@ -32,4 +34,7 @@ __all__ = [
     "SkippedGroup",
     "permutation_spec",
     "relative_difference",
+    "structural_difference",
+    "STRUCTURAL_TOLERANCE",
+    "SKIP_KINDS",
 ]

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..checks import eval_mode, move_inputs
-from ..errors import PermutationError
-from ..guard import memory_guard
+from ..errors import FusionError, PermutationError, TraceError
 from .attention import _attention_groups
 from .draft import _draft_group, _first_in_module_order, _groups_from_draft, _Unsupported
-from .graph import _build_graph, _canonical_names, _resolve_ignored
-from .records import PermutationGroup, PermutationSpec, SkippedGroup
-from .verify import _Verifier
+from .graph import _all_groups, _build_graph, _canonical_names, _resolve_ignored
+from .records import AxisMember, PermutationGroup, PermutationSpec, SkippedGroup
+from .verify import verify_groups
 
 log = logging.getLogger(__name__)
+
+#: Default time budget (seconds) of torch-pruning's tracing and grouping in :func:`permutation_spec`.
+DEFAULT_TIMEOUT = 300.0
 
 
 def permutation_spec(
@@ -29,12 +33,13 @@ def permutation_spec(
     attention_heads: bool = True,
     verify: bool = True,
     seed: int = 0,
+    timeout: float | None = DEFAULT_TIMEOUT,
 ) -> PermutationSpec:
     """Derive the permutation symmetries of ``model`` from torch-pruning's dependency graph.
 
     Args:
-        model: any module torch-pruning can trace. It is not modified (the graph is built on a
-            deep copy, so not even its train/eval mode changes).
+        model: any module torch-pruning can trace. Its weights and buffers are not modified; it is
+            traced in eval mode (each submodule's mode is restored) and verified on a deep copy.
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs that
             the model accepts, e.g. ``torch.randn(1, 3, 64, 64)``.
         ignored_layers: module names (or modules) whose output units must stay in place.
@@ -43,17 +48,25 @@ def permutation_spec(
             non-singleton axis (torch-pruning's guess).
         attention_heads: also add per-head groups for ``nn.MultiheadAttention`` (q/k dims, v dims,
             whole heads).
-        verify: check every group on the model itself: a random permutation must leave the
-            output on ``example_inputs`` unchanged (relative difference <= 1e-4 in float32);
-            failing groups are found by bisection and moved to :attr:`PermutationSpec.skipped`.
-        seed: seed of the verification permutations.
+        verify: check every group structurally (:mod:`fusion.spec.verify`): on a float64 deep copy
+            of the model with every parameter and normalisation statistic re-drawn at O(1) scale, a
+            random permutation must leave the output on ``example_inputs`` and on a fresh random
+            input of the same structure unchanged (relative difference <= 1e-9). Failing groups are
+            found by bisection and moved to :attr:`PermutationSpec.skipped` (kind ``"verification"``,
+            or ``"unmoved tensor"`` naming a tensor the forward reads along the units that no rule
+            moves). ``verify=False`` returns the graph's groups unchecked.
+        seed: seed of the re-drawn weights, the fresh input and the verification permutations.
+        timeout: seconds allowed for torch-pruning's tracing and grouping together (None: no limit);
+            past it a :class:`TraceError` names the stage that ran out of time.
 
     Returns:
         The :class:`PermutationSpec`, reusable for every model of this architecture.
 
     Raises:
         ExampleInputError: the model rejects ``example_inputs``.
-        TraceError: torch-pruning cannot trace the model.
+        TraceError: torch-pruning cannot trace or group the model, runs out of memory or time, or
+            third-party code fails outside any one group. Failures inside one group refuse that
+            group instead (see :attr:`SkippedGroup.kind`); no other exception escapes.
 
     Example:
         >>> spec = permutation_spec(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64))
@@ -62,97 +75,153 @@ def permutation_spec(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    # torch-pruning only reads the model (it traces with temporary hooks, in eval mode) and the
-    # verification passes permuted tensors functionally, so no copy is needed: the train/eval
-    # mode of every submodule is restored on exit.
+    # torch-pruning only reads the model (it traces with temporary hooks, in eval mode; hooks left by an
+    # interrupted trace are removed) and the verification works on a deep copy, so the model's tensors
+    # never change: the train/eval mode of every submodule is restored on exit.
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise PermutationError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ignored = _resolve_ignored(model, ignored_layers)
+    params = dict(model.named_parameters())
+    missing = [n for n in unwrapped_parameters or () if n not in params]
+    if missing:
+        raise PermutationError(f"unwrapped_parameters names {missing[0]!r}, which is not a parameter of the model")
+    unwrapped = [(params[n], axis) for n, axis in unwrapped_parameters.items()] if unwrapped_parameters else None
     with eval_mode(model):
-        return _build_spec(model, example_inputs, ignored_layers, unwrapped_parameters, attention_heads, verify, seed)
+        try:
+            return _build_spec(model, example_inputs, ignored, unwrapped, attention_heads, verify, seed, deadline)
+        except FusionError:
+            raise
+        except Exception as exc:  # third-party code outside any one group: never a raw exception
+            raise TraceError(f"building the permutation spec of {type(model).__name__} failed: "
+                             f"{type(exc).__name__}: {exc}") from exc
 
 
 def _build_spec(
     work: nn.Module,
     example_inputs: Any,
-    ignored_layers: Sequence[str | nn.Module] | None,
-    unwrapped_parameters: dict[str, int] | None,
+    ignored: list[nn.Module],
+    unwrapped: list[tuple[nn.Parameter, int]] | None,
     attention_heads: bool,
     verify: bool,
     seed: int,
+    deadline: float | None,
 ) -> PermutationSpec:
     from ..checks import model_device
 
     model = work
     example_inputs = move_inputs(example_inputs, model_device(work))
     canonical = _canonical_names(work)
-    ignored = _resolve_ignored(work, ignored_layers)
-    params = dict(work.named_parameters())
-    unwrapped = None
-    if unwrapped_parameters:
-        missing = [n for n in unwrapped_parameters if n not in params]
-        if missing:
-            raise PermutationError(f"unwrapped_parameters names {missing[0]!r}, which is not a parameter of the model")
-        unwrapped = [(params[n], axis) for n, axis in unwrapped_parameters.items()]
-    graph = _build_graph(work, example_inputs, unwrapped)
+    graph = _build_graph(work, example_inputs, unwrapped, deadline)
 
     order = {name: i for i, (name, _) in enumerate(work.named_modules())}
     order.update({name: len(order) + i for i, name in enumerate(canonical)})
     groups: list[PermutationGroup] = []
     skipped: list[SkippedGroup] = []
     ignored_names = {graph._module2name.get(m, "") for m in ignored}
-    with memory_guard(f"building the dependency groups of {type(model).__name__}"):
-        tp_groups = list(graph.get_all_groups(root_module_types=(nn.Module,)))
-    for tp_group in tp_groups:
+    for tp_group in _all_groups(graph, model, deadline):
         try:
             draft = _draft_group(graph, tp_group, canonical)
-        except _Unsupported as exc:
+        except Exception as exc:  # _Unsupported, or torch-pruning's indices not readable
             root = tp_group[0].dep.target
             name = graph._module2name.get(root.module, graph._param_to_name.get(root.module, str(root)))
-            skipped.append(SkippedGroup(name, len(tp_group[0].idxs), str(exc)))
+            skipped.append(_refusal(name, len(tp_group[0].idxs), exc))
             continue
         if not draft.entries:
             continue
         name = _first_in_module_order([n for n, _ in draft.producers] or [e.key for e in draft.entries], order)
         if draft.out_modules & ignored_names:
-            skipped.append(SkippedGroup(name, draft.size, "ignored by the caller (ignored_layers)"))
+            skipped.append(SkippedGroup(name, draft.size, "ignored by the caller (ignored_layers)", "ignored"))
         elif draft.reaches_output:
-            skipped.append(SkippedGroup(name, draft.size, "its units are the model's output"))
+            skipped.append(SkippedGroup(name, draft.size, "its units are the model's output", "output"))
         elif not draft.consumers:
-            skipped.append(SkippedGroup(name, draft.size, "no layer reads these units"))
+            skipped.append(SkippedGroup(name, draft.size, "no layer reads these units", "unread"))
         else:
             try:
                 groups.extend(_groups_from_draft(draft, order))
-            except _Unsupported as exc:
-                skipped.append(SkippedGroup(name, draft.size, str(exc)))
+            except Exception as exc:
+                skipped.append(_refusal(name, draft.size, exc))
 
     if attention_heads:
         for name, module in work.named_modules():
             if isinstance(module, nn.MultiheadAttention) and module in graph.module2node:
-                groups.extend(_attention_groups(name, module, canonical))
+                try:
+                    groups.extend(_attention_groups(name, module, canonical))
+                except Exception as exc:
+                    skipped.append(_refusal(name, module.num_heads, exc))
             elif isinstance(module, nn.MultiheadAttention):
-                skipped.append(SkippedGroup(name, module.num_heads, "attention layer was not traced"))
+                skipped.append(SkippedGroup(name, module.num_heads, "attention layer was not traced", "unsupported"))
 
     names = defaultdict(int)
     for g in groups:
         names[g.name] += 1
     groups = _unique_names(groups, names)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    groups, unmapped = _check_indices(groups, shapes)
+    skipped.extend(unmapped)
     # Module order; an attention layer's whole-head group comes before its within-head groups,
     # which act on the head positions after heads are reordered (the groups overlap).
     rank = {"channels": 0, "heads": 1, "head_qk": 2, "head_v": 2}
     groups.sort(key=lambda g: (order.get(g.name.split("[")[0] if g.kind == "channels" else g.producers[0], len(order)),
-                               rank[g.kind], g.name))
+                               rank.get(g.kind, 2), g.name))
 
-    if verify and groups:
-        failing = _Verifier(work, example_inputs, seed).failing(groups)
-        if failing:
-            log.warning("refusing %d permutation group(s) that change the output: %s", len(failing), sorted(failing))
-        skipped.extend(
-            SkippedGroup(g.name, g.size, f"a random permutation changed the output (relative difference "
-                         f"{failing[g.name]:.2e}); the dependency graph is unsure here")
-            for g in groups if g.name in failing
-        )
-        groups = [g for g in groups if g.name not in failing]
+    if verify:
+        groups, refused = verify_groups(work, example_inputs, groups, seed)
+        skipped.extend(refused)
 
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return PermutationSpec(tuple(groups), tuple(skipped), shapes, type(model).__name__)
+
+
+def _refusal(name: str, size: int, exc: Exception) -> SkippedGroup:
+    """The refused group for an exception raised while translating one torch-pruning group."""
+    if isinstance(exc, _Unsupported):
+        return SkippedGroup(name, size, str(exc), "unsupported")
+    log.debug("group %s refused: %s: %s", name, type(exc).__name__, exc)
+    return SkippedGroup(name, size, f"the units' index mapping could not be built ({type(exc).__name__}: {exc})",
+                        "unmapped")
+
+
+def _member_problem(member: AxisMember, size: int, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why a member's index cannot be applied to its tensor (None if it can)."""
+    shape = shapes.get(member.name)
+    if shape is None:
+        return f"{member.name} is not a tensor of the model's state dict"
+    if not 0 <= member.axis < len(shape):
+        return f"{member.name} of shape {shape} has no axis {member.axis}"
+    index = member.index
+    if index.dim() != 2 or index.shape[0] != size or index.shape[1] < 1 or index.dtype != torch.long:
+        return f"the index of {member.name} has shape {tuple(index.shape)}, not ({size}, block)"
+    if int(index.min()) < 0 or int(index.max()) >= shape[member.axis]:
+        return (f"positions {int(index.min())}..{int(index.max())} of {member.name} (axis {member.axis}) are out of "
+                f"range for length {shape[member.axis]}")
+    if index.unique().numel() != index.numel():
+        return f"one position of {member.name} (axis {member.axis}) belongs to several units"
+    return None
+
+
+def _check_indices(groups: list[PermutationGroup], shapes: dict[str, tuple[int, ...]]
+                   ) -> tuple[list[PermutationGroup], list[SkippedGroup]]:
+    """Refuse (kind ``"unmapped"``) groups whose indices do not fit their tensors, or that move positions
+    of a tensor axis another channel group already moves (attention groups overlap by design)."""
+    accepted, refused = [], []
+    taken: dict[tuple[str, int], torch.Tensor] = {}
+    for group in groups:
+        problem = next((p for m in group.members if (p := _member_problem(m, group.size, shapes))), None)
+        if problem is None and group.kind == "channels":
+            clash = next((m for m in group.members if (m.name, m.axis) in taken
+                          and bool(taken[(m.name, m.axis)][m.index.reshape(-1)].any())), None)
+            if clash is not None:
+                problem = f"positions of {clash.name} (axis {clash.axis}) are also moved by another group"
+        if problem is not None:
+            refused.append(SkippedGroup(group.name, group.size, f"torch-pruning maps these units inconsistently: "
+                                        f"{problem}", "unmapped"))
+            continue
+        accepted.append(group)
+        if group.kind == "channels":
+            for m in group.members:
+                mask = taken.setdefault((m.name, m.axis), torch.zeros(shapes[m.name][m.axis], dtype=torch.bool))
+                mask[m.index.reshape(-1)] = True
+    return accepted, refused
 
 
 def _unique_names(groups: list[PermutationGroup], counts: dict[str, int]) -> list[PermutationGroup]:

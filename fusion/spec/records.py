@@ -11,7 +11,19 @@ from torch import nn
 
 from ..errors import PermutationError, SpecMismatchError
 
-__all__ = ["AxisMember", "PermutationGroup", "PermutationSpec", "SkippedGroup"]
+__all__ = ["AxisMember", "PermutationGroup", "PermutationSpec", "SkippedGroup", "SKIP_KINDS"]
+
+#: Why a set of units is left in place (:attr:`SkippedGroup.kind`), with what each kind means.
+SKIP_KINDS: dict[str, str] = {
+    "output": "the units are the model's output (never permuted, by design)",
+    "ignored": "the caller listed the layer in ignored_layers",
+    "unread": "no layer reads the units",
+    "unsupported": "a layer or construct without a permutation rule",
+    "unmapped": "torch-pruning's index mapping is out of range, inconsistent or partial",
+    "unmoved tensor": "a tensor indexed by the units is moved by no rule",
+    "verification": "a random permutation changed the function of the float64 structural copy",
+    "trace": "tracing, grouping or verifying raised an error in third-party code",
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,11 +86,23 @@ class PermutationGroup:
 
 @dataclass(frozen=True)
 class SkippedGroup:
-    """Units that are left unpermuted, and why."""
+    """Units that are left unpermuted, and why.
+
+    Attributes:
+        name: the layer (or group) producing the units.
+        size: number of units.
+        reason: a sentence for people.
+        kind: a key of :data:`SKIP_KINDS`, for programs (coverage counts from it, never from ``reason``).
+    """
 
     name: str
     size: int
     reason: str
+    kind: str = "unsupported"
+
+    def __post_init__(self) -> None:
+        if self.kind not in SKIP_KINDS:
+            raise ValueError(f"unknown skip kind {self.kind!r}; expected one of {sorted(SKIP_KINDS)}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,6 +228,6 @@ class PermutationSpec:
         for g in self.groups:
             lines.append(f"  {g.name:<{width}}  {g.size:>6}  {g.kind:<9} {len(g.members)}")
         for s in self.skipped:
-            lines.append(f"  skipped {s.name} ({s.size}): {s.reason}")
+            lines.append(f"  skipped {s.name} ({s.size}) [{s.kind}]: {s.reason}")
         return "\n".join(lines)
 
