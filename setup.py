@@ -21,7 +21,9 @@ setup(
         for line in (here / "requirements.txt").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "pyyaml>=5"], "yaml": ["pyyaml>=5"],
-                    "mlflow": ["mlflow-skinny>=2.10"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "pyyaml>=5", "transformers>=4.40", "timm>=0.9"],
+                    "yaml": ["pyyaml>=5"], "hf": ["transformers>=4.40", "timm>=0.9"],
+                    "mlflow": ["mlflow-skinny>=2.10"],
+                    "merge": ["pyyaml>=5", "safetensors>=0.4", "transformers>=4.40"]},
     entry_points={"console_scripts": ["fusion=fusion.cli:main"]},
 )

@@ -20,6 +20,9 @@ Both results are judged from the returned models' state dicts, computed the same
 
 Models: torchvision ResNet-18, ResNet-50 and MobileNet-V2 (random init, ``num_classes=10``, 64x64
 inputs) and two MLPs trained briefly on scikit-learn's digits. ``--quick`` keeps the digits MLPs only.
+Then a transformer: Hugging Face GPT-2 small (default config, 124M parameters, random init, a batch of
+16 tokens; head-aware groups) against the CNN of about its size, ``wide_resnet101_2`` (127M), in the
+same run (the peer too, if it runs on GPT-2; ``--quick``: a 2-layer GPT-2 against ResNet-18).
 Then how this project's time grows with MLP width and depth (random init, A and B differently seeded).
 
 The peer needs ``pip install rebasin torchview`` and the ``graphviz`` system package
@@ -234,6 +237,50 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------------------------
+# A transformer against a CNN of the same size
+# --------------------------------------------------------------------------------------------
+
+#: GPT-2 small's default config (124M parameters) and, for --quick, a small one of the same shape.
+GPT2_CONFIGS = {"full": {}, "quick": {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 1000, "n_positions": 64}}
+#: The CNN of about the same parameter count whose time is the same run's reference (quick: ResNet-18).
+CNN_PEERS = {"full": "wide_resnet101_2", "quick": "resnet18"}
+
+
+def gpt2_pair(quick: bool, seed: int) -> tuple[nn.Module, nn.Module, dict, dict]:
+    """Two differently initialised GPT-2 language models (Hugging Face, random weights) and token batches."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(**GPT2_CONFIGS["quick" if quick else "full"])
+    models = []
+    for k in range(2):
+        torch.manual_seed(seed + k)
+        models.append(GPT2LMHeadModel(config).eval())
+    generator = torch.Generator().manual_seed(seed + 100)
+    tokens = torch.randint(0, config.vocab_size, (9, 16), generator=generator)
+    return models[0], models[1], {"input_ids": tokens[:1]}, {"input_ids": tokens[1:]}
+
+
+def transformer_rows(args: Any, peer: bool) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Weight matching on GPT-2 (small) and on a CNN of about its size, in this run: rows and time ratio."""
+    if common.optional_import("transformers") is None:
+        return [], None
+    cnn = CNN_PEERS["quick" if args.quick else "full"]
+    TORCHVISION.setdefault(cnn, getattr(torchvision.models, cnn))
+    gpt2_name = "GPT-2 small (HF)" if not args.quick else "GPT-2 2x64 (HF)"
+    try:
+        rows = compare(gpt2_name, *gpt2_pair(args.quick, args.seed), peer, args.seed)
+    except fusion.FusionError as exc:  # an architecture this version cannot trace is a result, not a crash
+        return [{"model": gpt2_name, "tool": "fusion", "error": f"{type(exc).__name__}: {exc}"[:200]}], None
+    rows += compare(cnn, *torchvision_pair(cnn, args.seed), False, args.seed)
+    ours = {r["model"]: r for r in rows if r["tool"] == "fusion"}
+    ratio = {"transformer": gpt2_name, "CNN": cnn,
+             "params transformer / CNN": ours[gpt2_name]["params_m"] / ours[cnn]["params_m"],
+             "time transformer / CNN": ours[gpt2_name]["seconds"] / ours[cnn]["seconds"],
+             "transformer same function": ours[gpt2_name]["same_function"]}
+    return rows, ratio
+
+
+# --------------------------------------------------------------------------------------------
 # Scaling of this project's weight matching
 # --------------------------------------------------------------------------------------------
 
@@ -282,6 +329,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--profile", action="store_true", help="always profile the largest model's alignment")
     parser.add_argument("--models", nargs="+", choices=["digits", *TORCHVISION], default=None,
                         help="model pairs to compare (default: all; --quick: digits)")
+    parser.add_argument("--no-transformer", action="store_true",
+                        help="skip the GPT-2 small vs wide_resnet101_2 comparison (needs transformers)")
     parser.add_argument("--widths", nargs="+", type=int, default=None, help="MLP widths of the scaling study")
     parser.add_argument("--depths", nargs="+", type=int, default=None, help="MLP depths of the scaling study")
     args = parser.parse_args(argv)
@@ -317,6 +366,13 @@ def run(args: Any) -> dict[str, Any]:
         sections.append((f"Against the goals (>= {GOAL_SPEEDUP:g}x faster, objective >= peer's, more moved, same "
                          "function)", common.markdown_table(verdicts)))
 
+    transformer, ratio = ([], None) if args.no_transformer else transformer_rows(args, peer)
+    if transformer:
+        sections.append(("Transformer vs a CNN of about its size (weight matching with head groups, same run)",
+                         common.markdown_table(transformer, COLUMNS)))
+        if ratio is not None:
+            sections.append(("Time ratio transformer / CNN", common.markdown_table([ratio])))
+
     widths = args.widths or ([256, 512] if args.quick else [256, 512, 1024, 2048, 4096])
     depths = args.depths or ([2, 4] if args.quick else [2, 4, 8, 16])
     width_rows = [scaling_row(w, 3, args.seed) for w in widths]
@@ -331,7 +387,8 @@ def run(args: Any) -> dict[str, Any]:
         sections.append((f"Where the time goes: align({name}) under cProfile, {profile['total']:.2f} s "
                          "(phases, cumulative)", common.profile_table(profile, "focus")))
         sections.append(("Top functions by own time", common.profile_table(profile, "by_own_time")))
-    results = {"rows": rows, "verdicts": verdicts, "width": width_rows, "depth": depth_rows, "profile": profile,
+    results = {"rows": rows, "verdicts": verdicts, "transformer": transformer, "transformer_ratio": ratio,
+               "width": width_rows, "depth": depth_rows, "profile": profile,
                "peer": peer, "max_iter": MAX_ITER}
     common.report(args, "align", sections, results, notes)
     return results

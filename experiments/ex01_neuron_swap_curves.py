@@ -5,7 +5,8 @@ the same function at another point of weight space. A Bézier curve (Garipov et 
 the original to the swapped network shows how the loss landscape connects the two: if only the
 swapped layer moves along the curve the correction is *local*; if every layer moves, *global*.
 
-A VGG-style model (``fusion.models.VGGSmall``, digits upsampled to 16x16) is trained from ``seed``. For
+A VGG-style model (``fusion.models.VGGSmall``, digits upsampled to 16x16) is trained from ``seed``; on
+mnist1d the 1-D residual CNN ``fusion.models.ResNet1d`` (width 16, BatchNorm). For
 an early, a middle and a late convolution (``fusion.neuronswap.layer_at_depth``, as ``fusion swap --depth``:
 block 0 layer 0, layer 1 of the middle block, layer 1 of the last block; VGGSmall's blocks hold one
 convolution each) two random units are swapped (``fusion.swap_neurons``), the
@@ -44,7 +45,7 @@ from fusion import (
 )
 from fusion.analysis.io import save_json
 from fusion.checkpoint import save_model
-from fusion.models import VGGSmall
+from fusion.models import ResNet1d, VGGSmall
 from fusion.neuronswap import DEPTHS, layer_at_depth
 
 NAME = "ex01_neuron_swap_curves"
@@ -70,7 +71,9 @@ def body(run: common.Run) -> dict[str, Any]:
     calibration = list(itertools.islice(run.train, 4)) if quick else run.train  # BatchNorm statistics at each point
     channels = run.split.input_shape[0]
 
-    def build() -> VGGSmall:
+    def build() -> torch.nn.Module:
+        if len(run.split.input_shape) == 2:  # signals (C, L): mnist1d
+            return ResNet1d(channels, width=16, num_classes=run.split.num_classes)
         return VGGSmall(in_channels=channels, widths=(16, 32, 64), hidden=(64,), num_classes=run.split.num_classes)
 
     (original,) = run.members(build, 1, epochs, lr=3e-3)

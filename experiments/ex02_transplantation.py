@@ -6,20 +6,27 @@ width by keeping the largest neurons (``fusion.fuse_ensemble``), then fine-tuned
 small neurons (a loss right after fusion); fine-tuning recovers, and the transplanted neurons make the
 fused model better than its members when the members are diverse.
 
-MLPs are trained on the data from seeds ``seed``, ``seed + 1``, ... (different initialisations and data
-orders; the *similar* members share the initialisation of ``seed`` and differ only in data order). Parts:
+Members are trained on the data from seeds ``seed``, ``seed + 1``, ... (different initialisations and data
+orders; the *similar* members share the initialisation of ``seed`` and differ only in data order): MLPs
+(128-128 on digits; 40-256-256-10 on mnist1d, as in the mnist1d paper) and, on mnist1d, also the 1-D
+residual CNN :class:`fusion.models.ResNet1d` with BatchNorm (``--families``). Every fused model and
+the best member get the same fine-tuning budget (``finetune_epochs`` of Adam at lr 1e-3: 2 on digits,
+20 for mnist1d MLPs, 5 for mnist1d CNNs). Parts, per family:
 
 1. ``order``: merge -> prune -> fine-tune (Neuron Transplantation) against prune -> merge -> fine-tune
    (each member pruned to ``1/N`` of its width by torch-pruning, then concatenated) and
    merge -> fine-tune -> prune -> fine-tune (the wide model is fine-tuned before pruning);
-2. ``count``: fusing 2, 4 and 8 members (quick: 2 and 4) with every method, one-shot and fine-tuned;
+2. ``count``: fusing 2, 4 and 8 members (quick: 2 and 4) with NT, vanilla averaging, weight-matching merge
+   and OT fusion, one-shot and fine-tuned, next to the best member (also fine-tuned) and the ensemble;
+   ``verdict`` says per count whether NT + fine-tuning beats the best member given the same budget;
 3. ``diversity``: similar against diverse members;
 4. ``recovery``: the test loss during fine-tuning (``finetune_with_history``) of the transplanted, the
    averaged and the merged model and of the best member: the "sacrifice, then recover" curve;
 5. ``methods``: every fusion method next to the best member and the ensemble, one-shot and fine-tuned
    with the same budget, with time and peak memory (``fusion.demo.compare_methods``).
 
-Outputs: ``results.json``, ``methods.txt`` and the plots ``count.png`` and ``recovery.png``.
+Outputs: ``results.json`` (per family), ``methods_<family>.txt`` and the plots ``count_<family>.png`` and
+``recovery_<family>.png``.
 """
 
 from __future__ import annotations
@@ -32,13 +39,24 @@ import excommon as common
 import numpy as np
 import torch_pruning as tp
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from fusion import concat_models, ensemble_evaluate, evaluate, fuse_ensemble, merge
+from fusion.analysis.io import save_json
 from fusion.demo import FUSION_METHODS, compare_methods, format_table, fuse_models
+from fusion.errors import DataError
 from fusion.fuse import finetune, finetune_with_history
-from fusion.models import MLP
+from fusion.models import MLP, ResNet1d
 
 NAME = "ex02_transplantation"
+FAMILIES = ("mlp", "cnn")
+METHODS = ("transplant", "average", "merge", "ot")
+
+
+def hidden_widths(model: nn.Module) -> list[int]:
+    """Output widths of the Linear and convolution layers, the output layer excluded."""
+    return [m.out_features if isinstance(m, nn.Linear) else m.out_channels for m in model.modules()
+            if isinstance(m, (nn.Linear, _ConvNd))][:-1]
 
 
 def prune_to(model: nn.Module, example_inputs: Any, keep: float) -> nn.Module:
@@ -71,18 +89,18 @@ def order_study(run: common.Run, members: list[nn.Module], epochs: int) -> dict[
     for name, model in variants.items():
         tuned = finetune(model, run.train, **tune)
         out[name] = {"before_ft": scores(model, run.test), "after_ft": scores(tuned, run.test),
-                     "hidden": [m.out_features for m in model.modules() if isinstance(m, nn.Linear)][:-1]}
+                     "hidden": hidden_widths(model)}
     return out
 
 
 def fused_scores(run: common.Run, members: list[nn.Module], epochs: int) -> dict[str, Any]:
-    """One-shot and fine-tuned scores of NT, averaging and merging, and the baselines, for one ensemble."""
+    """One-shot and fine-tuned scores of NT, averaging, merging and OT, and the baselines, for one ensemble."""
     best = max(members, key=lambda m: evaluate(m, run.test).accuracy)
     ensemble = ensemble_evaluate(members, run.test)
     out: dict[str, Any] = {"ensemble": {"accuracy": ensemble.accuracy, "loss": ensemble.loss},
                            "best member": {"before_ft": scores(best, run.test)}}
     fused = {"best member": best}
-    for method in ("transplant", "average", "merge"):
+    for method in METHODS:
         fused[method] = fuse_models(method, members, run.example_inputs, run.train, progress=False, seed=run.args.seed)
         out[method] = {"before_ft": scores(fused[method], run.test)}
     for method, model in fused.items():
@@ -91,7 +109,7 @@ def fused_scores(run: common.Run, members: list[nn.Module], epochs: int) -> dict
     return out
 
 
-def recovery_study(run: common.Run, members: list[nn.Module], epochs: int) -> dict[str, Any]:
+def recovery_study(run: common.Run, members: list[nn.Module], epochs: int, family: str) -> dict[str, Any]:
     """Test loss every few steps while fine-tuning the fused models and the best member."""
     best = max(members, key=lambda m: evaluate(m, run.test).accuracy)
     models = {
@@ -115,53 +133,89 @@ def recovery_study(run: common.Run, members: list[nn.Module], epochs: int) -> di
          f"{ensemble.loss:.3f} loss, {100 * ensemble.accuracy:.1f}%)"}
         for key, name in (("loss", "loss"), ("accuracy", "accuracy (%)"))
     ]
-    common.line_plot(run.out / "recovery.png", panels, title="Sacrifice, then recover: fine-tuning fused models")
+    common.line_plot(run.out / f"recovery_{family}.png", panels,
+                     title=f"Sacrifice, then recover: fine-tuning fused {family} models on {run.split.name}")
     return {"eval_every": every, "ensemble": {"accuracy": ensemble.accuracy, "loss": ensemble.loss}, "curves": curves}
 
 
-def body(run: common.Run) -> dict[str, Any]:
+def verdict(count: dict[str, Any]) -> dict[str, Any]:
+    """Does NT + fine-tuning beat the best member fine-tuned with the same budget (and the ensemble)?"""
+    nt, best = count["transplant"]["after_ft"]["accuracy"], count["best member"]["after_ft"]["accuracy"]
+    return {"nt_ft": nt, "best_member": count["best member"]["before_ft"]["accuracy"], "best_member_ft": best,
+            "ensemble": count["ensemble"]["accuracy"], "nt_ft_minus_best_member_ft": nt - best,
+            "nt_ft_beats_best_member_ft": nt > best}
+
+
+def family_settings(family: str, split: Any, quick: bool) -> dict[str, Any]:
+    """Model constructor and training budget of one family on ``split`` (mnist1d gets the larger budgets)."""
+    mnist1d = split.name == "mnist1d"
+    if family == "mlp":
+        hidden = (64, 64) if quick else ((256, 256) if mnist1d else (128, 128))
+        in_features = int(np.prod(split.input_shape))
+        epochs, ft_epochs = (3, 1) if quick else ((40, 20) if mnist1d else (10, 2))
+        return {"build": lambda: MLP(in_features, hidden=hidden, num_classes=split.num_classes), "lr": 1e-3,
+                "epochs": epochs, "finetune_epochs": ft_epochs, "architecture": f"MLP {list(hidden)}"}
+    width = 8 if quick else 16
+    epochs, ft_epochs = (2, 1) if quick else (10, 5)
+    return {"build": lambda: ResNet1d(split.input_shape[0], width=width, num_classes=split.num_classes), "lr": 3e-3,
+            "epochs": epochs, "finetune_epochs": ft_epochs, "architecture": f"ResNet1d width {width}, BatchNorm"}
+
+
+def family_study(run: common.Run, family: str) -> dict[str, Any]:
     quick = run.args.quick
-    hidden = (64, 64) if quick else (128, 128)
-    epochs, ft_epochs = (3, 1) if quick else (10, 2)
+    settings = family_settings(family, run.split, quick)
+    ft_epochs = settings["finetune_epochs"]
     counts = (2, 4) if quick else (2, 4, 8)
-    in_features = int(np.prod(run.split.input_shape))
-
-    def build() -> MLP:
-        return MLP(in_features, hidden=hidden, num_classes=run.split.num_classes)
-
-    diverse = run.members(build, max(counts), epochs)
-    similar = run.members(build, 2, epochs, same_init=True, offset=100)
+    diverse = run.members(settings["build"], max(counts), settings["epochs"], lr=settings["lr"])
+    similar = run.members(settings["build"], 2, settings["epochs"], lr=settings["lr"], same_init=True, offset=100)
     pair = diverse[:2]
-    results: dict[str, Any] = {"experiment": NAME, "hidden": list(hidden), "epochs": epochs,
+    results: dict[str, Any] = {"architecture": settings["architecture"], "epochs": settings["epochs"],
                                "finetune_epochs": ft_epochs,
                                "member_accuracy": [evaluate(m, run.test).accuracy for m in diverse]}
     results["order"] = order_study(run, pair, ft_epochs)
     results["count"] = {str(k): fused_scores(run, diverse[:k], ft_epochs) for k in counts}
+    results["verdict"] = {str(k): verdict(results["count"][str(k)]) for k in counts}
     results["diversity"] = {"similar (same init)": fused_scores(run, similar, ft_epochs),
                             "diverse (different seeds)": results["count"]["2"]}
-    results["recovery"] = recovery_study(run, pair, ft_epochs)
+    results["recovery"] = recovery_study(run, pair, ft_epochs, family)
     rows = compare_methods(pair, run.example_inputs, run.train, run.test, finetune_methods=("best member",
-                           *FUSION_METHODS), finetune_epochs=ft_epochs, family="MLP", progress=False,
+                           *FUSION_METHODS), finetune_epochs=ft_epochs, family=family.upper(), progress=False,
                            seed=run.args.seed)
     results["methods"] = [r.to_dict() for r in rows]
-    common.write_table(run.out / "methods.txt", format_table(rows))
+    common.write_table(run.out / f"methods_{family}.txt", format_table(rows))
     series = {}
-    for method in ("transplant", "average", "merge", "best member"):
+    for method in (*METHODS, "best member"):
         series[f"{method} one-shot"] = [100 * results["count"][str(k)][method]["before_ft"]["accuracy"] for k in counts]
         series[f"{method} + ft"] = [100 * results["count"][str(k)][method]["after_ft"]["accuracy"] for k in counts]
     series["ensemble"] = [100 * results["count"][str(k)]["ensemble"]["accuracy"] for k in counts]
     styles = {label: "--s" if "one-shot" in label else "-o" for label in series}
-    common.line_plot(run.out / "count.png", [{"x": list(counts), "series": series, "styles": styles, "logx": True,
-                                              "xlabel": "number of fused models", "ylabel": "test accuracy (%)"}],
-                     title="Fusing more models (dashed: before fine-tuning)", width=8.0)
+    common.line_plot(run.out / f"count_{family}.png", [{"x": list(counts), "series": series, "styles": styles,
+                                                        "logx": True, "xlabel": "number of fused models",
+                                                        "ylabel": "test accuracy (%)"}],
+                     title=f"Fusing more {settings['architecture']} models on {run.split.name} "
+                           f"(dashed: before fine-tuning; ft = {ft_epochs} epochs)", width=8.0)
     if run.progress:
         print(format_table(rows), flush=True)
+    return results
+
+
+def body(run: common.Run) -> dict[str, Any]:
+    families = run.args.families or (FAMILIES if run.split.name == "mnist1d" else ("mlp",))
+    if "cnn" in families and len(run.split.input_shape) != 2:
+        raise DataError(f"family 'cnn' is a 1-D CNN for signals (N, C, L) such as mnist1d; {run.split.name} inputs "
+                        f"have shape {run.split.input_shape}")
+    results: dict[str, Any] = {"experiment": NAME, "dataset": run.split.name, "families": {}}
+    for family in families:  # each finished family is kept in partial.json, for a run that is interrupted
+        results["families"][family] = family_study(run, family)
+        save_json(results, run.out / "partial.json")
     return results
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the experiment (see the module docstring) and return its results."""
     parser = common.parent_parser(NAME, __doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", choices=FAMILIES,
+                        help="member families (default: mlp on digits, mlp and cnn on mnist1d)")
     return common.run_experiment(parser, body, argv)
 
 

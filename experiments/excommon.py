@@ -46,12 +46,16 @@ def parent_parser(name: str, description: str) -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="a reduced budget that finishes in about a minute")
     parser.add_argument("--dataset", default="digits", choices=DATASETS, help="data set (digits is embedded)")
-    parser.add_argument("--data-root", type=Path, default=None, help="folder of the cifar10/cifar100/mnist files")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="folder of the cifar10/cifar100/mnist files (mnist1d: its cache, default ~/.cache/fusion/mnist1d)")
     parser.add_argument("--output-dir", type=Path, default=Path("results") / name, help="where results are written")
     parser.add_argument("--seed", type=int, default=0, help="base seed (members use seed, seed + 1, ...)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (the models are small: one thread avoids oversubscription)")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many samples per split")
+    parser.add_argument("--samples", type=int, default=5000,
+                        help="mnist1d: signals generated, 80%% for training (5000: the standard 4000/1000 split; "
+                             "12500: 10 000 training signals)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_tracking_options(parser)
     return parser
@@ -60,7 +64,7 @@ def parent_parser(name: str, description: str) -> argparse.ArgumentParser:
 def load_split(args: argparse.Namespace, **kwargs: Any) -> DataSplit:
     """The data set named by ``--dataset`` (digits options such as ``image_size`` only apply to digits)."""
     if args.dataset != "digits":
-        kwargs = {}
+        kwargs = {"num_samples": args.samples} if args.dataset == "mnist1d" else {}
     return get_data(args.dataset, args.data_root, seed=args.seed, limit=args.limit, **kwargs)
 
 

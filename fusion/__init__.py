@@ -46,10 +46,11 @@ _EXPORTS = {
         "check_permutations", "compose_permutations", "identity_permutation", "inverse_permutation", "layer_group",
         "permute", "permute_layer", "permute_state_dict", "random_permutation", "swap_neurons", "verify_equivalence",
     ),
+    ".merging": ("merge_task_vectors", "merge_yaml"),
     ".spec": ("AxisMember", "PermutationGroup", "PermutationSpec", "SkippedGroup", "permutation_spec",
               "structural_difference"),
 }
-_SUBMODULES = ("analysis", "checkpoint", "data", "errors", "layers", "models", "neuronswap", "tracking")
+_SUBMODULES = ("analysis", "checkpoint", "data", "errors", "layers", "merging", "models", "neuronswap", "tracking")
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES)
 
 __version__ = "0.1.0"
@@ -61,6 +62,7 @@ __all__ = [
     "data",
     "errors",
     "layers",
+    "merging",
     "models",
     "neuronswap",
     "tracking",
@@ -103,6 +105,9 @@ __all__ = [
     "reset_bn_stats",
     "repair",
     "finetune",
+    # merging fine-tunes of one base
+    "merge_task_vectors",
+    "merge_yaml",
     # checkpoints
     "build_architecture",
     "load_model",

@@ -4,7 +4,10 @@ A model is named in one of three ways:
 
 * a reference model of :mod:`fusion.models`: ``"mlp"``, ``"vgg"``, ``"resnet"``;
 * a torchvision model: ``"resnet18"``, ``"vit_b_16"``, ... (built without pretrained weights);
-* ``"module:Class"`` (or ``"module:function"``): any importable constructor, e.g. ``"my_pkg.nets:Net"``.
+* ``"module:Class"`` (or ``"module:function"``): any importable constructor, e.g. ``"my_pkg.nets:Net"``;
+* ``"hf:<folder>"``, ``"hf-config:<Class>:<json>"``, ``"timm:<name>"``: Hugging Face and timm models,
+  built locally, never downloaded (see :mod:`fusion.external`; optional extra ``hf``). A folder
+  written by ``save_pretrained`` is also accepted as a checkpoint by :func:`load_model`.
 
 Checkpoints hold only a state dict. Files ending in ``.safetensors`` are read and written with
 safetensors (and may carry string metadata, e.g. the architecture); every other file with
@@ -42,6 +45,7 @@ from torch import nn
 
 from .analysis.io import atomic_path
 from .errors import CheckpointError
+from .external import build_external, is_external, load_hf_folder
 from .models import MODELS
 
 __all__ = [
@@ -150,6 +154,8 @@ def build_architecture(
     Raises:
         CheckpointError: unknown name, or the constructor rejected the arguments or returned no nn.Module.
     """
+    if is_external(name):
+        return build_external(name, num_classes, input_shape, **kwargs)
     constructor = resolve_constructor(name)
     arguments = dict(kwargs)
     if num_classes is not None and "num_classes" not in arguments and _accepts(constructor, "num_classes", True):
@@ -295,7 +301,8 @@ def load_model(
     """Build architecture ``arch`` and load the checkpoint at ``path`` into it (strictly).
 
     Args:
-        path: a ``torch.save`` state dict or a ``.safetensors`` file.
+        path: a ``torch.save`` state dict, a ``.safetensors`` file, or a folder written by a
+            ``transformers`` model's ``save_pretrained`` (its own config then names the class).
         arch: the architecture (see :func:`build_architecture`); may be omitted for a ``.safetensors``
             file written with :func:`architecture_metadata`, whose stored arguments then apply too.
         num_classes, input_shape, **kwargs: as for :func:`build_architecture`.
@@ -307,6 +314,12 @@ def load_model(
     Raises:
         CheckpointError: unreadable file, unknown architecture, or a state dict with other keys or shapes.
     """
+    if Path(path).is_dir() and (Path(path) / "config.json").is_file():  # a save_pretrained folder
+        folder_model = load_hf_folder(path)
+        if arch is not None:
+            _check_fit(build_architecture(arch, num_classes, input_shape, **kwargs), folder_model.state_dict(),
+                       Path(path), arch)
+        return folder_model.to(device).eval()
     path = _check_file(path)
     if arch is None:
         metadata = read_metadata(path)

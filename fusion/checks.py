@@ -2,13 +2,21 @@
 
 Each check raises the matching :mod:`fusion.errors` type with a message naming the argument,
 parameter or shape at fault, and never modifies what it checks.
+
+Model I/O: ``example_inputs`` (and data batches) may be a tensor, a tuple/list of positional
+inputs, or a mapping of keyword inputs (a ``dict`` or a tokenizer's ``BatchEncoding``);
+:func:`split_inputs` turns any of them into ``(args, kwargs)``. A model's output may be a tensor,
+a tuple, a mapping or a Hugging Face ``ModelOutput`` (possibly holding a cache); every comparison
+reads :func:`main_output`, its one main tensor (``logits``, else the first floating tensor, which
+is ``last_hidden_state`` for a base model).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +28,9 @@ from .errors import (
     DeviceMismatchError,
     EnsembleError,
     ExampleInputError,
+    FusionError,
     NonFiniteWeightsError,
+    TraceError,
 )
 
 __all__ = [
@@ -31,11 +41,13 @@ __all__ = [
     "check_weights",
     "eval_mode",
     "iter_batches",
+    "main_output",
     "model_device",
     "model_dtype",
     "move_inputs",
     "run_model",
     "split_batch",
+    "split_inputs",
 ]
 
 
@@ -153,40 +165,114 @@ def check_models(
     return device
 
 
-def move_inputs(inputs: Any, device: torch.device | str) -> Any:
-    """Move a tensor, or tensors nested in tuples/lists/dicts, to ``device``."""
+def move_inputs(inputs: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
+    """Move a tensor, or tensors nested in tuples/lists/mappings, to ``device``.
+
+    Mappings (``dict``, ``BatchEncoding``, any ``Mapping``) come back as plain ``dict``s; values
+    that are not tensors (flags, ``None``) are kept as they are. With ``dtype``, floating tensors
+    are also converted to it (integer ids and masks keep theirs).
+    """
     if isinstance(inputs, torch.Tensor):
+        if dtype is not None and inputs.is_floating_point():
+            return inputs.to(device, dtype)
         return inputs.to(device)
-    if isinstance(inputs, dict):
-        return {k: move_inputs(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, Mapping):
+        return {k: move_inputs(v, device, dtype) for k, v in inputs.items()}
     if isinstance(inputs, (list, tuple)):
-        return type(inputs)(move_inputs(v, device) for v in inputs)
+        return type(inputs)(move_inputs(v, device, dtype) for v in inputs)
     return inputs
 
 
-def run_model(model: nn.Module, inputs: Any, argument: str = "example_inputs") -> Any:
-    """Call ``model`` on ``inputs`` (a tensor, a tuple/list of positional args or a dict of kwargs).
+def split_inputs(inputs: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` for calling a model on ``inputs``.
 
-    Errors raised by the model's forward for shape/dtype reasons are re-raised as
-    :class:`ExampleInputError` naming ``argument`` and the input shapes.
+    A mapping is keyword inputs, a tuple/list is positional inputs, anything else (a tensor) is
+    the one positional input.
     """
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, (list, tuple)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def run_model(model: Any, inputs: Any, argument: str = "example_inputs") -> Any:
+    """Call ``model`` on ``inputs`` (a tensor, a tuple/list of positional args or a mapping of kwargs).
+
+    Returns the model's raw output (see :func:`main_output` for the tensor to compare). Errors
+    raised by the model's forward for shape/dtype/type reasons are re-raised as
+    :class:`ExampleInputError` naming ``argument``, the input shapes and, for several positional
+    inputs, the forward parameters they were bound to.
+    """
+    args, kwargs = split_inputs(inputs)
     try:
-        if isinstance(inputs, dict):
-            return model(**inputs)
-        if isinstance(inputs, (list, tuple)):
-            return model(*inputs)
-        return model(inputs)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        return model(*args, **kwargs)
+    except FusionError:
+        raise  # a guard's time/memory stop, or fusion's own check inside the forward
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:
         raise ExampleInputError(
-            f"the model rejected {argument} of shape {describe_shapes(inputs)}: {exc}"
+            f"the model rejected {argument} of shape {describe_shapes(inputs)}: {type(exc).__name__}: {exc}"
+            f"{_positional_hint(model, args)}"
         ) from exc
+
+
+def _positional_hint(model: Any, args: tuple) -> str:
+    """Where several positional inputs landed, e.g. a mask bound to a model's ``past_key_values``."""
+    if len(args) < 2:
+        return ""
+    try:
+        params = list(inspect.signature(getattr(model, "forward", model)).parameters)
+    except (TypeError, ValueError):
+        return ""
+    bound = ", ".join(f"{p}={describe_shapes(a)}" for p, a in zip(params, args))
+    return (f" (positional inputs bind as forward({bound}); pass a dict of keyword tensors, "
+            f"e.g. {{{params[0]!r}: ..., 'attention_mask': ...}}, to choose the parameters)")
+
+
+def main_output(out: Any) -> torch.Tensor:
+    """The one tensor of a model's output that comparisons read.
+
+    A tensor is itself. A mapping (``dict``, Hugging Face ``ModelOutput``) gives ``logits``, else
+    its first floating tensor that is not ``loss`` (``last_hidden_state`` for a base model,
+    ``image_embeds`` for CLIP with a projection); a tuple or list gives its first floating tensor
+    (searched depth first). Caches and other objects are skipped.
+
+    Raises:
+        TraceError: the output holds no floating tensor.
+    """
+    found = _main_output(out)
+    if found is None:
+        raise TraceError(f"the model's output ({describe_shapes(out)}) holds no floating-point tensor to compare")
+    return found
+
+
+_MAIN_KEYS = ("logits",)
+
+
+def _main_output(out: Any) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out if out.is_floating_point() or out.is_complex() else None
+    if isinstance(out, Mapping):
+        for key in _MAIN_KEYS:
+            if isinstance(out.get(key), torch.Tensor):
+                return out[key]
+        values = [v for k, v in out.items() if k != "loss"]
+    elif isinstance(out, (list, tuple)):
+        values = list(out)
+    else:
+        return None
+    for value in values:
+        found = _main_output(value)
+        if found is not None:
+            return found
+    return None
 
 
 def describe_shapes(inputs: Any) -> str:
     """A short human-readable description of the shapes of (nested) tensors."""
     if isinstance(inputs, torch.Tensor):
         return str(tuple(inputs.shape))
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):
         return "{" + ", ".join(f"{k}: {describe_shapes(v)}" for k, v in inputs.items()) + "}"
     if isinstance(inputs, (list, tuple)):
         return "(" + ", ".join(describe_shapes(v) for v in inputs) + ")"
@@ -201,7 +287,7 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
         return batch[0], batch[1]
     if isinstance(batch, (list, tuple)) and len(batch) == 1:
         return batch[0], None
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return batch, None
     raise DataError(
         f"cannot read a batch of type {type(batch).__name__}: expected a tensor or an (inputs, targets) pair"

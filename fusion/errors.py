@@ -26,6 +26,7 @@ __all__ = [
     "StitchError",
     "LayerError",
     "CheckpointError",
+    "MergeConfigError",
 ]
 
 
@@ -95,3 +96,8 @@ class LayerError(FusionError, ValueError):
 
 class CheckpointError(FusionError, OSError):
     """A checkpoint or model name could not be read, resolved or written."""
+
+
+class MergeConfigError(FusionError, ValueError):
+    """A merge of fine-tunes is misconfigured: an unknown method, key or parameter, a value out of
+    range (a density outside (0, 1], weights of the wrong length), or a missing base model."""

@@ -28,6 +28,7 @@ from .checks import (
     check_weights,
     eval_mode,
     iter_batches,
+    main_output,
     model_device,
     move_inputs,
     run_model,
@@ -55,6 +56,22 @@ class Evaluation:
     num_samples: int
 
 
+def logits_and_targets(output: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A model's output and a batch's targets in the shapes cross-entropy reads.
+
+    The logits are the output's main tensor (:func:`~fusion.checks.main_output`: a Hugging Face
+    ``ModelOutput``'s ``logits``). Logits ``(N, C)`` or ``(N, C, ...)`` with targets ``(N,)`` or
+    ``(N, ...)`` are kept; per-token logits with the classes last, ``(N, T, C)`` with targets
+    ``(N, T)`` (language models), are flattened to ``(N * T, C)`` and ``(N * T,)``, one sample per token.
+    """
+    logits = main_output(output)
+    targets = torch.as_tensor(targets).to(logits.device)
+    channels_first = targets.shape == logits.shape[:1] + logits.shape[2:]
+    if logits.dim() > 2 and not channels_first and targets.shape == logits.shape[:-1]:
+        return logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    return logits, targets
+
+
 def _batch_size(targets: torch.Tensor) -> int:
     return int(targets.shape[0]) if targets.dim() > 0 else 1
 
@@ -73,8 +90,7 @@ def _score(
         for inputs, targets in tqdm(iter_batches(data), desc=desc, disable=not progress, leave=False):
             if targets is None:
                 raise DataError("evaluation needs labelled data: a batch had no targets (expected (inputs, targets))")
-            logits = forward(move_inputs(inputs, device))
-            targets = torch.as_tensor(targets).to(logits.device)
+            logits, targets = logits_and_targets(forward(move_inputs(inputs, device)), targets)
             n = _batch_size(targets)
             if loss_fn is None:
                 total_loss += float(F.cross_entropy(logits, targets, reduction="sum"))
@@ -127,7 +143,7 @@ def predict_logits(
     outputs, labels = [], []
     with eval_mode(model), torch.no_grad():
         for inputs, targets in tqdm(iter_batches(data), desc="predict", disable=not progress, leave=False):
-            outputs.append(run_model(model, move_inputs(inputs, device), "data").cpu())
+            outputs.append(main_output(run_model(model, move_inputs(inputs, device), "data")).cpu())
             if targets is not None:
                 labels.append(torch.as_tensor(targets).cpu())
     if labels and len(labels) != len(outputs):
@@ -175,7 +191,7 @@ def ensemble_evaluate(
     device = model_device(models[0])
 
     def forward(inputs: Any) -> torch.Tensor:
-        outputs = [run_model(m, inputs, "data") for m in models]
+        outputs = [main_output(run_model(m, inputs, "data")) for m in models]
         if combine == "logits":
             return sum(w * out for w, out in zip(weights, outputs))
         return torch.logsumexp(

@@ -1,8 +1,10 @@
 """Small reference architectures for tests, experiments and the demo.
 
 Plain :class:`torch.nn.Module` s built from standard layers only, so torch.fx and torch-pruning
-trace them: an MLP, a VGG-style CNN and a ResNet-style CNN with BatchNorm and residual blocks
-(He et al. 2016, with a 1x1 convolution + BatchNorm shortcut where the shape changes). Each takes
+trace them: an MLP, a VGG-style CNN and a ResNet-style CNN with residual blocks (He et al. 2016,
+with a 1x1 convolution + normalisation shortcut where the shape changes), for images (2-D) or
+signals such as MNIST-1D (1-D, :class:`ResNet1d`), normalised by BatchNorm or by a LayerNorm over
+channels and length (``GroupNorm(1, C)``, the form of LayerNorm that keeps channels permutable). Each takes
 a ``width_multiplier`` that scales every hidden width, as in the width studies of the model
 merging literature. Training lives in :mod:`fusion.fuse.finetune`.
 
@@ -22,7 +24,7 @@ from torch import nn
 
 from .errors import CheckpointError
 
-__all__ = ["MLP", "MODELS", "BasicBlock", "SmallResNet", "VGGSmall", "build_model"]
+__all__ = ["MLP", "MODELS", "NORMS", "BasicBlock", "ResNet1d", "SmallResNet", "VGGSmall", "build_model"]
 
 
 def _scaled(width: int, width_multiplier: float) -> int:
@@ -128,25 +130,54 @@ class VGGSmall(nn.Module):
         return self.classifier(self.flatten(self.pool(self.features(x))))
 
 
+#: Normalisations of the residual networks: BatchNorm, LayerNorm over (channels, length/pixels), none.
+NORMS: tuple[str, ...] = ("batch", "layer", "none")
+
+
+def _conv(dims: int) -> type[nn.Module]:
+    if dims not in (1, 2):
+        raise ValueError(f"dims must be 1 (signals) or 2 (images), got {dims!r}")
+    return nn.Conv1d if dims == 1 else nn.Conv2d
+
+
+def _norm(norm: str, channels: int, dims: int) -> nn.Module:
+    """The normalisation layer after a convolution: BatchNorm, GroupNorm(1, C) (LayerNorm over C and space) or none."""
+    if norm == "batch":
+        return nn.BatchNorm1d(channels) if dims == 1 else nn.BatchNorm2d(channels)
+    if norm == "layer":
+        return nn.GroupNorm(1, channels)
+    if norm == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
 class BasicBlock(nn.Module):
     """A residual block: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``.
 
-    The shortcut is the identity when the shape is kept, else a strided 1x1 convolution + BatchNorm.
+    The shortcut is the identity when the shape is kept, else a strided 1x1 convolution + normalisation.
+    ``bn1``/``bn2`` are BatchNorm layers by default; with ``norm="layer"`` they are ``GroupNorm(1, C)``
+    and with ``norm="none"`` identities (the convolutions then have biases).
+
+    Args:
+        in_channels, out_channels: channels in and out.
+        stride: stride of the first convolution and of the shortcut.
+        norm: ``"batch"``, ``"layer"`` or ``"none"``.
+        dims: 2 for images ``(N, C, H, W)``, 1 for signals ``(N, C, L)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, norm: str = "batch", dims: int = 2) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
+        conv, bias = _conv(dims), norm != "batch"
+        self.conv1 = conv(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
+        self.bn1 = _norm(norm, out_channels, dims)
         self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.conv2 = conv(out_channels, out_channels, 3, padding=1, bias=bias)
+        self.bn2 = _norm(norm, out_channels, dims)
         self.relu2 = nn.ReLU()
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
-            )
+            self.shortcut = nn.Sequential(conv(in_channels, out_channels, 1, stride=stride, bias=bias),
+                                          _norm(norm, out_channels, dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
@@ -166,9 +197,11 @@ class SmallResNet(nn.Module):
         num_blocks: residual blocks per stage (ResNet-20 is ``(3, 3, 3)`` with ``width=16``).
         num_classes: outputs of the linear head.
         width_multiplier: scales every width.
+        norm: ``"batch"`` (default), ``"layer"`` (``GroupNorm(1, C)``) or ``"none"``; see :class:`BasicBlock`.
+        dims: 2 for images, 1 for signals (see :class:`ResNet1d`).
 
     Shapes:
-        ``(N, in_channels, H, W)`` -> ``(N, num_classes)``.
+        ``(N, in_channels, H, W)`` (``(N, in_channels, L)`` with ``dims=1``) -> ``(N, num_classes)``.
     """
 
     def __init__(
@@ -178,22 +211,24 @@ class SmallResNet(nn.Module):
         num_blocks: Sequence[int] = (1, 1, 1),
         num_classes: int = 10,
         width_multiplier: float = 1.0,
+        norm: str = "batch",
+        dims: int = 2,
     ) -> None:
         super().__init__()
         base = _scaled(width, width_multiplier)
-        self.conv1 = nn.Conv2d(in_channels, base, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(base)
+        self.conv1 = _conv(dims)(in_channels, base, 3, padding=1, bias=norm != "batch")
+        self.bn1 = _norm(norm, base, dims)
         self.relu = nn.ReLU()
         stages: list[nn.Module] = []
         previous = base
         for i, count in enumerate(num_blocks):
             channels = base * 2**i
-            blocks = [BasicBlock(previous if j == 0 else channels, channels, 2 if i > 0 and j == 0 else 1)
+            blocks = [BasicBlock(previous if j == 0 else channels, channels, 2 if i > 0 and j == 0 else 1, norm, dims)
                       for j in range(count)]
             stages.append(nn.Sequential(*blocks))
             previous = channels
         self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(previous, num_classes)
 
@@ -202,12 +237,32 @@ class SmallResNet(nn.Module):
         return self.fc(self.flatten(self.pool(out)))
 
 
+class ResNet1d(SmallResNet):
+    """:class:`SmallResNet` for 1-D signals (MNIST-1D: ``(N, 1, 40)``): Conv1d stem, residual stages, pool, head.
+
+    Stage ``i`` has ``width * 2**i`` channels (times ``width_multiplier``) and halves the length
+    (except the first); ``norm`` chooses BatchNorm (``"batch"``), a LayerNorm over channels and
+    length (``"layer"``: ``GroupNorm(1, C)``) or none.
+
+    Takes :class:`SmallResNet`'s arguments (``in_channels``, ``width``, ``num_blocks``, ``num_classes``,
+    ``width_multiplier``, ``norm``) except ``dims``, which is 1.
+
+    Shapes:
+        ``(N, in_channels, L)`` -> ``(N, num_classes)``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if "dims" in kwargs:
+            raise TypeError("ResNet1d is one-dimensional: it takes no dims argument")
+        super().__init__(*args, **kwargs, dims=1)
+
+
 #: Constructors by the names :func:`build_model` accepts.
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "vgg": VGGSmall, "resnet": SmallResNet}
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "vgg": VGGSmall, "resnet": SmallResNet, "resnet1d": ResNet1d}
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a reference model by name (``"mlp"``, ``"vgg"``, ``"resnet"``) with keyword arguments.
+    """Build a reference model by name (``"mlp"``, ``"vgg"``, ``"resnet"``, ``"resnet1d"``) with keyword arguments.
 
     Raises:
         CheckpointError: unknown name.

@@ -312,8 +312,12 @@ def verify_equivalence(model_a: nn.Module, model_b: nn.Module, example_inputs: A
     Raises:
         PermutationError: neither or both of ``example_inputs`` and ``data`` given.
         DataError: ``data`` yields no batches.
+
+    This compares two models *with their own weights*; whether a permutation is a symmetry of the
+    architecture (for every weight values) is checked by :func:`~fusion.structural_difference`.
+    Outputs are compared on their main tensor (:func:`fusion.checks.main_output`).
     """
-    from .checks import iter_batches
+    from .checks import iter_batches, main_output
     from .spec.verify import _output_tensors
 
     if (example_inputs is None) == (data is None):
@@ -325,7 +329,8 @@ def verify_equivalence(model_a: nn.Module, model_b: nn.Module, example_inputs: A
     with torch.no_grad(), eval_mode(model_a), eval_mode(model_b):
         for inputs, _ in batches:
             inputs = move_inputs(inputs, device)
-            out_a, out_b = _output_tensors(run_model(model_a, inputs)), _output_tensors(run_model(model_b, inputs))
+            out_a = _output_tensors(main_output(run_model(model_a, inputs)))
+            out_b = _output_tensors(main_output(run_model(model_b, inputs)))
             if len(out_a) != len(out_b) or not out_a:
                 raise PermutationError("the two models' outputs do not have the same structure of floating tensors")
             diff = max(diff, *(float((a.double() - b.double()).abs().max()) for a, b in zip(out_a, out_b)))

@@ -223,10 +223,14 @@ def seeded(build, count: int = 2) -> list[nn.Module]:
     return models
 
 
-def test_tied_input_and_output_embedding_cannot_be_concatenated() -> None:
-    members = seeded(hm.TiedEmbedding)
-    with pytest.raises(ConcatError, match=r"'head\.weight' and 'embed\.weight' are one tied tensor"):
-        concat_models(members, torch.randint(0, 11, (2, 5)))
+def test_tied_input_and_output_embedding_is_untied_in_the_concatenation() -> None:
+    members, x = seeded(hm.TiedEmbedding), torch.randint(0, 11, (2, 5))
+    wide = concat_models(members, x)
+    assert wide.head.weight is not wide.embed.weight
+    with torch.no_grad():
+        mean = sum(m(x) for m in members) / len(members)
+        assert torch.allclose(wide(x), mean, atol=1e-5)
+    assert members[0].head.weight is members[0].embed.weight
 
 
 def test_units_outside_every_permutation_group_name_their_layer() -> None:

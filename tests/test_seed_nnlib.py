@@ -203,3 +203,11 @@ def test_low_rank_layers_are_two_plain_layers_whose_rank_units_permute() -> None
     assert {(g.name, g.size) for g in spec.groups} >= {("0.down", 4), ("0.up", 16), ("5.down", 5)}
     permuted = fusion.permute(model, fusion.random_permutation(spec, seed=1), spec)
     assert fusion.verify_equivalence(model, permuted, x) < 1e-12
+
+
+def test_fusion_layers_imports_first_in_a_fresh_interpreter():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", "import fusion.layers"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -437,7 +437,7 @@ def test_exception_outside_any_group_is_a_trace_error(monkeypatch):
 def test_tracing_past_the_timeout_is_a_trace_error_naming_the_stage_and_leaves_no_hooks():
     model = Slow()
     x = torch.randn(2, 4)
-    with pytest.raises(TraceError, match="tracing Slow .*time budget"):
+    with pytest.raises(TraceError, match="(tracing|the attention layouts of) Slow .*time budget"):
         fusion.permutation_spec(model, x, timeout=0.01)
     assert all(not m._forward_hooks for m in model.modules())
 

@@ -8,7 +8,6 @@ import torchvision
 from torch import nn
 
 from fusion.errors import DataError, StitchError
-from fusion.inspect.moments import CrossMoments
 from fusion.inspect.stitch import (
     StitchedModel,
     cut_points,
@@ -16,6 +15,7 @@ from fusion.inspect.stitch import (
     stitch,
 )
 from fusion.layers import LowRankLinear, ProcrustesLinear, RegressableLinear
+from fusion.moments import CrossMoments
 
 STITCH_TOL = 1e-4
 

@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import AlignmentError
 from ..progress import tqdm
 from ..spec import AxisMember, PermutationSpec
+from .nested import nesting, solve_family
 from .stats import collect_pair_stats, sites_for
 from .weight import resolved_tensors, unit_rows
 
@@ -184,7 +185,19 @@ def ot_alignment(
     maps: dict[str, torch.Tensor] = {}
     plans: dict[str, torch.Tensor] = {}
     history = []
+    families = _nested_families(spec_a) if spec_a.shapes == spec_b.shapes else {}
     for group in tqdm(spec_a.groups, desc="optimal transport", disable=not progress, leave=False):
+        if group.name in plans:
+            continue
+        if group.name in families:  # heads and within-head dims of equal count: one joint, exact assignment
+            for name, perm in _solve_nested(spec_a, families[group.name], state_a, state_b, maps, keys).items():
+                size = spec_a.group(name).size
+                plans[name] = torch.zeros(size, size, dtype=torch.float64)
+                plans[name][torch.arange(size), perm] = 1.0 / size
+                maps[name] = plans[name] * size
+                ground = _weight_cost(name, spec_a, spec_b, state_a, state_b, maps, keys)
+                history.append(float((plans[name] * ground).sum()) if ground is not None else 0.0)
+            continue
         ground = activation_cost.get(group.name)
         if ground is None:
             ground = _weight_cost(group.name, spec_a, spec_b, state_a, state_b, maps, keys)
@@ -198,3 +211,20 @@ def ot_alignment(
         maps[group.name] = plan * group.size
         history.append(float((plan * ground).sum()))
     return plans, history
+
+
+def _nested_families(spec: PermutationSpec) -> dict[str, tuple[str, Any]]:
+    """Group name -> (root, nesting) for the nested attention groups of models of equal widths."""
+    tree = nesting(spec)
+    return {name: (root, tree) for root in tree.roots for name in (root, *tree.descendants(root))}
+
+
+def _solve_nested(
+    spec: PermutationSpec, family: tuple[str, Any], state_a: State, state_b: State,
+    maps: Mapping[str, torch.Tensor], keys: Collection[str] | None,
+) -> dict[str, torch.Tensor]:
+    """Permutations of a nested family, with the groups solved so far (permutation plans) fixed."""
+    root, tree = family
+    perms = {name: m.argmax(1) for name, m in maps.items() if m.shape[0] == m.shape[1]}
+    perms.update({g.name: torch.arange(g.size) for g in spec.groups if g.name not in perms})
+    return solve_family(spec, root, tree, state_a, state_b, perms, keys)

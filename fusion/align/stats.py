@@ -1,7 +1,7 @@
 """Streamed activation statistics of permutation groups, O(width^2) memory per group.
 
 Model A and model B run on the same batches; at each group's capture site the activations of
-its units are gathered and folded into running moments (:class:`~fusion.inspect.moments.CrossMoments`
+its units are gathered and folded into running moments (:class:`~fusion.moments.CrossMoments`
 with per-unit variances and the full cross-covariance), so the memory is independent of the
 data-set size. From them come means, standard deviations, cross-correlations (activation
 matching) and squared distances (optimal transport on activations).
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..checks import eval_mode, iter_batches, model_device, move_inputs, run_model
-from ..inspect.moments import CrossMoments
+from ..moments import CrossMoments
 from ..progress import tqdm
 from ..spec import AxisMember, PermutationGroup, PermutationSpec
 
@@ -96,10 +96,14 @@ def capture_site(group: PermutationGroup, modules: dict[str, nn.Module]) -> Capt
     Prefers the input of the first consumer (a Linear, an ungrouped convolution or an attention
     layer), i.e. the units after their nonlinearity; falls back to the output of a layer.
     """
+    if group.kind != "channels":
+        return None  # heads and within-head dims: their units are not separately observable
     by_name = {m.name: m for m in group.members}
     for consumer in group.consumers:
         module = modules.get(consumer)
         weight = by_name.get(f"{consumer}.weight")
+        if weight is not None and weight.axis == 0 and is_transposed_linear(module):
+            return CaptureSite(consumer, True, -1, weight)
         if weight is None or weight.axis != 1:
             continue
         if isinstance(module, nn.Linear):
@@ -107,11 +111,11 @@ def capture_site(group: PermutationGroup, modules: dict[str, nn.Module]) -> Capt
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1 \
                 and not isinstance(module, nn.modules.conv._ConvTransposeNd):
             return CaptureSite(consumer, True, 1, weight)
-    if group.kind != "channels":
-        return None
     for member in group.members:
         name, local = member.name.rsplit(".", 1) if "." in member.name else ("", member.name)
         module = modules.get(name)
+        if local == "weight" and member.axis == 1 and member.block == 1 and is_transposed_linear(module):
+            return CaptureSite(name, False, -1, member)
         if local != "weight" or member.axis != 0 or member.block != 1:
             continue
         if isinstance(module, (nn.Linear, nn.LayerNorm)):
@@ -120,6 +124,14 @@ def capture_site(group: PermutationGroup, modules: dict[str, nn.Module]) -> Capt
                 isinstance(module, nn.modules.conv._ConvTransposeNd):
             return CaptureSite(name, False, 1, member)
     return None
+
+
+def is_transposed_linear(module: nn.Module | None) -> bool:
+    """Whether ``module`` is a linear layer storing its weight as (in, out): Hugging Face's
+    ``Conv1D`` (GPT-2 and relatives), recognised without importing ``transformers``."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+        and getattr(module, "nf", None) == weight.shape[1]
 
 
 def _units_of(tensor: torch.Tensor, site: CaptureSite) -> torch.Tensor:

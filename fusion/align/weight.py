@@ -24,6 +24,7 @@ from ..permute import (
 )
 from ..progress import tqdm
 from ..spec import AxisMember, PermutationGroup, PermutationSpec
+from .nested import Nesting, nesting, solve_family
 
 __all__ = [
     "group_similarity",
@@ -151,9 +152,30 @@ class _Workspace:
             return torch.zeros(group.size, group.size, dtype=torch.float64)
         return product.double().cpu()[:, torch.argsort(self.perms[group.name])]
 
-    def objective(self) -> float:
-        """Sum over the tensors (``keys``) of <A, permuted B> at the current permutations."""
-        return _inner_products(self.state_a, self.permuted, self.keys)
+    def objective(self, groups: Collection[str] | None = None) -> float:
+        """Sum over the tensors (``keys``) of <A, permuted B> at the current permutations; with
+        ``groups``, only over the tensors those groups move."""
+        if groups is None:
+            return _inner_products(self.state_a, self.permuted, self.keys)
+        names = {m.name for g in groups for m in self.spec.group(g).members}
+        return _inner_products({k: self.state_a[k] for k in names}, self.permuted, self.keys)
+
+    def solve_nested(self, root: str, tree: Nesting) -> bool:
+        """Re-solve ``root`` and the groups nested in it jointly (head-aware, see
+        :mod:`fusion.align.nested`); keep the result if it raises the objective. Returns whether it did."""
+        family = [root, *tree.descendants(root)]
+        old = {name: self.perms[name] for name in family}
+        new = solve_family(self.spec, root, tree, self.state_a, self.state_b, self.perms, self.keys)
+        if all(torch.equal(new[name], old[name]) for name in family):
+            return False
+        before = self.objective(family)
+        for name in family:
+            self.set(self.spec.group(name), new[name])
+        if self.objective(family) > before + 1e-12 * max(1.0, abs(before)):
+            return True
+        for name in family:
+            self.set(self.spec.group(name), old[name])
+        return False
 
     def set(self, group: PermutationGroup, perm: torch.Tensor) -> None:
         """Make ``perm`` the group's permutation and update the permuted copy of B."""
@@ -205,7 +227,18 @@ def layerwise_matching(
     axes belong to groups solved before it (all of its tensors when none qualifies)."""
     workspace = _Workspace(spec, state_a, state_b, perms, keys)
     done = {g.name for g in spec.groups} - {g.name for g in groups}
+    tree = nesting(spec, {g.name for g in groups})
+    roots = {name: root for root in tree.roots for name in (root, *tree.descendants(root))}
     for group in groups:
+        if group.name in done:
+            continue
+        if group.name in roots:  # attention heads and the dims inside them: solved together
+            family = [roots[group.name], *tree.descendants(roots[group.name])]
+            new = solve_family(spec, family[0], tree, state_a, state_b, workspace.perms, keys)
+            for name in family:
+                workspace.set(spec.group(name), new[name])
+            done.update(family)
+            continue
         ready = resolved_tensors(spec, group, done, keys)
         workspace.set(group, solve_assignment(workspace.similarity(group, ready or keys)))
         done.add(group.name)
@@ -271,6 +304,8 @@ def weight_matching(
     # re-solve just the groups whose neighbours changed (the result is the same, the work less).
     neighbours = _neighbours(spec)
     stale = {g.name for g in solved}
+    tree = nesting(spec, stale)
+    roots = set(tree.roots)
     bar = tqdm(range(max_iter), desc="weight matching", disable=not progress, leave=False)
     for _ in bar:
         improved = False
@@ -279,6 +314,12 @@ def weight_matching(
             if group.name not in stale:
                 continue
             stale.discard(group.name)
+            if group.name in roots:
+                if workspace.solve_nested(group.name, tree):
+                    improved = True
+                    for name in (group.name, *tree.descendants(group.name)):
+                        stale |= neighbours[name]
+                continue
             similarity = workspace.similarity(group)
             new = solve_assignment(similarity)
             rows = torch.arange(group.size)

@@ -29,6 +29,7 @@ from torch.func import functional_call
 
 from ..checks import check_models, iter_batches, model_device, move_inputs, run_model
 from ..errors import DataError, NonFiniteWeightsError
+from ..evaluate import logits_and_targets
 from ..progress import tqdm
 from .distances import METRICS, check_metric, layer_distances
 from .interpolation import barrier, evaluate_point
@@ -235,8 +236,7 @@ def train_bezier_curve(
                 if targets is None:
                     raise DataError("data must yield (inputs, targets) batches to train a curve; got unlabeled batches")
                 t = float(torch.rand(()))
-                outputs = curve(move_inputs(inputs, device), t)
-                loss = loss_fn(outputs, move_inputs(targets, device))
+                loss = loss_fn(*logits_and_targets(curve(move_inputs(inputs, device), t), move_inputs(targets, device)))
                 if not torch.isfinite(loss):
                     raise NonFiniteWeightsError(f"the curve's training loss became {loss.item()} at t={t:.3f}; lower lr")
                 optimizer.zero_grad(set_to_none=True)

@@ -2,7 +2,7 @@
 
 Three measures, all computed from the same sufficient statistics (means and centered (cross-)scatter
 matrices of the two layers' features, accumulated batch by batch with
-:class:`~fusion.inspect.moments.CrossMoments`), so memory does not grow with the number of samples:
+:class:`~fusion.moments.CrossMoments`), so memory does not grow with the number of samples:
 
 * linear CKA (Kornblith et al., "Similarity of neural network representations revisited", ICML 2019):
   ``||Xc^T Yc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)``, which equals the Gram-matrix (HSIC) form without
@@ -34,7 +34,7 @@ from torch import nn
 from ..checks import check_same_device, eval_mode, iter_batches, move_inputs
 from ..errors import DataError, FusionError
 from ..inspect.capture import ActivationCapture, features_as_matrix
-from ..inspect.moments import CrossMoments
+from ..moments import CrossMoments
 from ..progress import tqdm
 
 __all__ = [

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import FusionError
 from ..tracking import tracking_run
+from .commands_merge import add_merge_yaml
 from .config import _config_defaults, _read_config
 from .options import (
     ALIGN_METHODS,
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "default loss)")
     plot.add_argument("--fps", type=_positive_int, default=10, help="frames per second of the GIF")
     plot.add_argument("--highlight", nargs="*", metavar="LAYER", help="layers drawn in red")
+
+    add_merge_yaml(commands, _Formatter)
     return parser
 
 

@@ -91,7 +91,8 @@ def _model_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--arch",
         help="architecture: mlp | vgg | resnet (fusion.models), a torchvision name (resnet18, vit_b_16, ...) or "
-        "module:Class; may be omitted for .safetensors files written by fusion",
+        "module:Class, hf:<save_pretrained folder>, hf-config:<transformers class>:<config JSON> or timm:<name> "
+        "(never downloaded); may be omitted for .safetensors files written by fusion and for save_pretrained folders",
     )
     group.add_argument("--num-classes", type=_positive_int, help="outputs of the model (default: the data set's)")
     group.add_argument("--arch-kwargs", type=_json_object, default={}, metavar="JSON",

@@ -21,6 +21,7 @@ from ..checkpoint import (
 )
 from ..data import DataSplit, example_batch, get_data, make_loaders
 from ..errors import DataError
+from ..external import example_inputs_for
 from ..tracking import active_tracker
 
 
@@ -33,6 +34,7 @@ class _Session:
         self._split: DataSplit | None = None
         self._loaders: tuple[Any, Any] | None = None
         self._stored_architecture: dict[str, str] = {}  # from the inputs' metadata when --arch is not given
+        self._last_model: nn.Module | None = None  # decides the form of random example inputs
 
     @property
     def split(self) -> DataSplit:
@@ -72,6 +74,8 @@ class _Session:
         if self.uses_data:
             return example_batch(self.split, count)
         generator = torch.Generator().manual_seed(self.args.seed)
+        if self._last_model is not None:  # token ids / keyword inputs for transformers models
+            return example_inputs_for(self._last_model, count, tuple(self.args.input_shape), generator)
         return torch.randn((count, *self.args.input_shape), generator=generator)
 
     def model(self, path: Path | None) -> nn.Module:
@@ -81,11 +85,14 @@ class _Session:
             if args.arch is None:
                 raise DataError("pass --arch (and a checkpoint, or a fresh randomly initialised model is used)")
             model = build_architecture(args.arch, self.num_classes, self.input_shape, **args.arch_kwargs)
-            return model.to(args.device).eval()
-        if args.arch is None and not self._stored_architecture:
+            self._last_model = model.to(args.device).eval()
+            return self._last_model
+        if args.arch is None and not self._stored_architecture and not Path(path).is_dir():
             stored = read_metadata(path)
             self._stored_architecture = {k: stored[k] for k in (ARCH_KEY, KWARGS_KEY) if k in stored}
-        return load_model(path, args.arch, self.num_classes, self.input_shape, args.device, **args.arch_kwargs)
+        self._last_model = load_model(path, args.arch, self.num_classes, self.input_shape, args.device,
+                                      **args.arch_kwargs)
+        return self._last_model
 
     def models(self, paths: Sequence[Path], minimum: int, maximum: int | None = None) -> list[nn.Module]:
         if len(paths) < minimum or (maximum is not None and len(paths) > maximum):

@@ -18,10 +18,12 @@ The construction is generic, driven by the spec rather than by walking layers:
    member ``k`` lives in the wide model: unit ``k * size + u`` of the wide group, column ``k`` of a
    grouped convolution's lock-step units, or the ``k``-th copy of a per-conv-group/per-head group;
 3. every member's tensors are copied to those positions; tensors without grouped axes are
-   averaged; LayerNorms over a widened axis become :class:`~fusion.fuse.layers.BlockLayerNorm`.
+   averaged; LayerNorms over a widened axis become :class:`~fusion.fuse.layers.BlockLayerNorm` (RMSNorms
+   and other channel norms a :class:`~fusion.fuse.layers.BlockNorm`).
 
-Whatever cannot be concatenated exactly (units outside every permutation group, a tied
-input/output embedding, ...) raises :class:`ConcatError` naming the layer, and the result is checked
+A tied input/output embedding (GPT-2's ``wte``/``lm_head``) is untied in the wide model: one tensor
+cannot hold member blocks and a weighted read-out at once. Whatever else cannot be concatenated exactly
+(units outside every permutation group, ...) raises :class:`ConcatError` naming the layer, and the result is checked
 on ``example_inputs`` before it is returned.
 
 Example:
@@ -45,7 +47,7 @@ from torch.nn.modules.conv import _ConvNd
 from ..checks import check_models, check_weights, eval_mode, model_device, move_inputs, run_model
 from ..errors import ConcatError, EnsembleError, FusionError
 from ..spec import PermutationGroup, PermutationSpec, permutation_spec, relative_difference
-from .layers import BlockLayerNorm, owner_of, resize_tensors, set_submodule
+from .layers import BlockLayerNorm, BlockNorm, is_channel_norm, owner_of, resize_tensors, set_submodule
 
 __all__ = ["ConcatError", "Concatenation", "GroupLink", "block_index", "build_concatenation", "check_members",
            "concat_models", "read_block"]
@@ -181,6 +183,12 @@ def build_concatenation(
     for k, model in enumerate(models):
         spec.check_model(model, f"models[{k}]")
     widened = _widened_axes(models[0], spec)
+    untie = _tied_output_aliases(models[0], widened)
+    if untie:  # a tied input/output embedding: the wide model gets its own output layer (GPT-2's lm_head)
+        log.info("untying %s from the input embedding in the concatenated model", sorted(untie))
+        models = [untied(m, untie) for m in models]
+        spec = permutation_spec(models[0], inputs)
+        widened = _widened_axes(models[0], spec)
     scaled = _scaled_tensors(models[0], widened)
     _check_shared_tensors(models, spec, widened, scaled)
 
@@ -264,6 +272,33 @@ def _scaled_tensors(model: nn.Module, widened: dict[str, set[int]]) -> set[str]:
             )
         decisions.setdefault(canonical, (scaled, key))
     return {key for key, (scaled, _) in decisions.items() if scaled}
+
+
+def _tied_output_aliases(model: nn.Module, widened: dict[str, set[int]]) -> set[str]:
+    """Keys of an output layer's weight that is tied to a layer writing widened units (a tied input
+    embedding): one tensor cannot be both a member block and a weighted read-out."""
+    aliases = set()
+    for key, canonical in _canonical(model).items():
+        _, module, local = owner_of(model, key)
+        out = _output_axis(module, local)
+        axes = widened.get(canonical, set())
+        if key != canonical and axes and out is not None and out not in axes:
+            aliases.add(key)
+    return aliases
+
+
+def untied(model: nn.Module, keys: set[str]) -> nn.Module:
+    """A copy of ``model`` in which the parameters ``keys`` are no longer shared with another name
+    (and a Hugging Face config says ``tie_word_embeddings=False``, so that nothing re-ties them)."""
+    model = copy.deepcopy(model)
+    for key in keys:
+        _, module, local = owner_of(model, key)
+        old = module._parameters[local]
+        module._parameters[local] = nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad)
+    config = getattr(model, "config", None)
+    if hasattr(config, "tie_word_embeddings"):
+        config.tie_word_embeddings = False
+    return model
 
 
 def _check_shared_tensors(
@@ -456,7 +491,7 @@ def _traced_skeleton(
         try:
             probe_forward(wide, move_inputs(inputs, trace_device))
             wide_spec = permutation_spec(wide, inputs, verify=False, unwrapped_parameters=_unwrapped(model, spec))
-        except FusionError as exc:
+        except (FusionError, NotImplementedError, RuntimeError) as exc:  # meta tensors hold no data to probe
             if trace_device == device:
                 raise
             log.debug("tracing the widened model on the meta device failed (%s); tracing real tensors", exc)
@@ -581,24 +616,36 @@ def _use_block_layer_norms(
     member_modules = dict(member.named_modules())
     replaced = {}
     for name, module in list(wide.named_modules()):
-        if not isinstance(module, nn.LayerNorm) or isinstance(module, BlockLayerNorm):
+        if isinstance(module, (BlockLayerNorm, BlockNorm)) or not (isinstance(module, nn.LayerNorm)
+                                                                   or is_channel_norm(module)):
             continue
         original = member_modules[name]
+        if not isinstance(module, nn.LayerNorm):  # RMSNorm and other channel norms: a generic block norm
+            if module.weight.shape != original.weight.shape:
+                _check_contiguous(maps, name)
+                count = module.weight.shape[0] // original.weight.shape[0]
+                set_submodule(wide, name, BlockNorm(original, module.weight, getattr(module, "bias", None), count))
+                replaced[name] = original
+            continue
         if tuple(module.normalized_shape) == tuple(original.normalized_shape):
             continue
         if len(original.normalized_shape) != 1:
             raise ConcatError(f"LayerNorm {name!r} normalises over {tuple(original.normalized_shape)}; only "
                               f"LayerNorms over one axis can be concatenated")
         block = original.normalized_shape[0]
-        table = maps.get((f"{name}.weight", 0))
-        if table is not None:
-            expected = torch.arange(table.numel()).view(table.shape)
-            if not torch.equal(table.sort(dim=1).values, expected):
-                raise ConcatError(f"LayerNorm {name!r}: the members' features are not contiguous slices of the "
-                                  f"concatenated axis, so they cannot be normalised separately")
+        _check_contiguous(maps, name)
         set_submodule(wide, name, BlockLayerNorm.from_layer_norm(module, block))
         replaced[name] = original
     return replaced
+
+
+def _check_contiguous(maps: dict[tuple[str, int], torch.Tensor], name: str) -> None:
+    table = maps.get((f"{name}.weight", 0))
+    if table is not None:
+        expected = torch.arange(table.numel()).view(table.shape)
+        if not torch.equal(table.sort(dim=1).values, expected):
+            raise ConcatError(f"norm {name!r}: the members' features are not contiguous slices of the "
+                              f"concatenated axis, so they cannot be normalised separately")
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..checks import check_finite, iter_batches, model_device, move_inputs, run_model
 from ..errors import DataError, NonFiniteWeightsError
-from ..evaluate import evaluate
+from ..evaluate import evaluate, logits_and_targets
 from ..progress import tqdm
 
 __all__ = ["OPTIMIZERS", "FinetuneRecord", "FinetuneResult", "finetune", "finetune_with_history", "train_model"]
@@ -233,8 +233,7 @@ def _train_step(
     """One optimizer step on one batch; returns the batch loss."""
     if targets is None:
         raise DataError("training needs labelled data: a batch had no targets (expected (inputs, targets))")
-    logits = run_model(model, move_inputs(inputs, device), "data")
-    targets = torch.as_tensor(targets).to(logits.device)
+    logits, targets = logits_and_targets(run_model(model, move_inputs(inputs, device), "data"), targets)
     loss = F.cross_entropy(logits, targets) if loss_fn is None else loss_fn(logits, targets)
     if not torch.isfinite(loss):
         raise NonFiniteWeightsError(f"the training loss became {float(loss.detach())} at step {step}; lower lr")

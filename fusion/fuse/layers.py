@@ -13,8 +13,11 @@ model of a transformer equal to the mean of its members.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
+from fractions import Fraction
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +26,30 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-__all__ = ["BlockLayerNorm", "WIDTH_ATTRIBUTES", "owner_of", "resize_tensors", "set_submodule"]
+__all__ = ["BlockLayerNorm", "BlockNorm", "CONFIG_FIELDS", "HEAD_ATTRIBUTES", "WIDTH_ATTRIBUTES", "is_channel_norm",
+           "owner_of", "resize_tensors", "restore_norm", "set_submodule"]
 
 log = logging.getLogger(__name__)
 
 #: Integer attributes of custom modules that hold a width (updated by :func:`resize_tensors` when a
 #: tensor owned by such a module changes length from the attribute's value; e.g. torchvision's
 #: ``VisionTransformer.hidden_dim``, which its forward uses to reshape the patch embedding).
-WIDTH_ATTRIBUTES = ("hidden_dim", "embed_dim", "d_model", "hidden_size", "width", "dim")
+WIDTH_ATTRIBUTES = ("hidden_dim", "embed_dim", "d_model", "hidden_size", "width", "dim", "nf", "nx")
+
+#: Head counts and attention/MLP widths that attention modules and their parents keep without owning a
+#: tensor of that length (Hugging Face ``GPT2Attention.split_size``, ``BertSelfAttention.all_head_size``,
+#: timm ``Attention.num_heads``/``attn_dim``, ...). When every tensor below such a module changes
+#: length by one factor (a concatenation of ``N`` members: ``N``; pruning it back: ``1 / N``), these
+#: attributes are scaled by it. ``head_dim`` and ratios such as ``num_key_value_groups`` are not
+#: widths and stay as they are.
+HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_key_value_heads", "num_kv_heads",
+                   "n_kv_heads", "split_size", "all_head_size", "attn_dim", "embed_dim", "hidden_size", "inner_dim",
+                   "intermediate_size", "num_features", "head_hidden_size")
+
+#: Fields of a Hugging Face config (``model.config``) scaled the same way at the model's root.
+CONFIG_FIELDS = ("hidden_size", "n_embd", "d_model", "embed_dim", "intermediate_size", "n_inner", "num_attention_heads",
+                 "n_head", "num_key_value_heads", "encoder_attention_heads", "decoder_attention_heads", "ffn_dim",
+                 "encoder_ffn_dim", "decoder_ffn_dim", "d_ff", "mlp_dim", "dim", "n_heads", "hidden_dim")
 
 
 class BlockLayerNorm(nn.LayerNorm):
@@ -108,6 +127,65 @@ class BlockLayerNorm(nn.LayerNorm):
         return f"block_size={self.block_size}, num_blocks={self.num_blocks}, " + super().extra_repr()
 
 
+def is_channel_norm(module: nn.Module) -> bool:
+    """A normalisation over the last axis with one scale per channel: ``nn.LayerNorm``, ``nn.RMSNorm``, or a
+    library's ``*LayerNorm``/``*RMSNorm`` class (Hugging Face ``LlamaRMSNorm``, ...)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return False
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+class BlockNorm(nn.Module):
+    """Any channel norm (see :func:`is_channel_norm`) applied separately to ``num_blocks`` slices of the last axis.
+
+    The general form of :class:`BlockLayerNorm`, for norms whose formula lives in another class (RMSNorm
+    variants, ``(1 + weight)`` scales, ...): each slice goes through ``template`` (a copy of the members'
+    norm) with its slice of this module's ``weight`` (and ``bias``), so the wide model of a concatenation
+    normalises every member's features on their own. The parameters keep the template's names.
+
+    Args:
+        template: the members' norm (copied; its own parameters are not used).
+        weight, bias: the wide parameters (length ``num_blocks * block``); ``bias`` may be None.
+        num_blocks: number of slices.
+    """
+
+    def __init__(self, template: nn.Module, weight: nn.Parameter, bias: nn.Parameter | None, num_blocks: int) -> None:
+        super().__init__()
+        if weight.shape[-1] % num_blocks:
+            raise ValueError(f"width {weight.shape[-1]} is not a multiple of {num_blocks} blocks")
+        object.__setattr__(self, "template", copy.deepcopy(template))  # not a submodule: no state-dict entries
+        self.num_blocks = num_blocks
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        block = self.weight.shape[-1] // self.num_blocks
+        parts = []
+        for k, chunk in enumerate(x.unflatten(-1, (self.num_blocks, block)).unbind(-2)):
+            tensors = {"weight": self.weight[k * block:(k + 1) * block]}
+            if self.bias is not None:
+                tensors["bias"] = self.bias[k * block:(k + 1) * block]
+            parts.append(torch.func.functional_call(self.template, tensors, (chunk,)))
+        return torch.cat(parts, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"{type(self.template).__name__}, num_blocks={self.num_blocks}"
+
+
+def restore_norm(original: nn.Module, block: nn.Module) -> nn.Module:
+    """A copy of the members' norm ``original`` holding ``block``'s (wide) parameters: the plain norm over
+    the whole axis, which has the same parameters and coupling as a block norm (for tracing and pruning)."""
+    norm = copy.deepcopy(original)
+    for name in ("weight", "bias"):
+        if getattr(original, name, None) is not None:
+            setattr(norm, name, getattr(block, name))
+    if hasattr(norm, "normalized_shape"):
+        norm.normalized_shape = tuple(block.weight.shape)
+    norm.train(block.training)
+    return norm
+
+
 def owner_of(model: nn.Module, key: str) -> tuple[str, nn.Module, str]:
     """``(module name, module, local name)`` of the parameter or buffer called ``key``."""
     module_name, _, local = key.rpartition(".")
@@ -163,8 +241,50 @@ def resize_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Non
             else:
                 module._buffers[local] = replacement
             done.add(alias)
+    before = {name: _attributes(model.get_submodule(name)) for name in old_shapes}
     for module_name, shapes in old_shapes.items():
         _sync_module(model.get_submodule(module_name), shapes, module_name)
+    synced = {name: {a for a, v in values.items() if getattr(model.get_submodule(name), a) != v}
+              for name, values in before.items()}
+    _sync_ancestors(model, old_shapes, synced)
+
+
+def _attributes(module: nn.Module) -> dict[str, Any]:
+    return {attr: getattr(module, attr) for attr in HEAD_ATTRIBUTES if hasattr(module, attr)}
+
+
+def _sync_ancestors(model: nn.Module, old_shapes: Mapping[str, Mapping[str, torch.Size]],
+                    synced: Mapping[str, set[str]]) -> None:
+    """Scale :data:`HEAD_ATTRIBUTES` of every module at or above changed tensors by the factor all of
+    them changed by (when there is one; attributes the tensor owners already updated are left), and the
+    root's Hugging Face config fields likewise."""
+    ratios: dict[str, set[Fraction]] = {}
+    for module_name, shapes in old_shapes.items():
+        module = model.get_submodule(module_name)
+        changes = {Fraction(int(n), int(o)) for local, old in shapes.items()
+                   for o, n in zip(old, getattr(module, local).shape) if o != n}
+        parts = module_name.split(".") if module_name else []
+        for depth in range(len(parts) + 1):
+            ratios.setdefault(".".join(parts[:depth]), set()).update(changes)
+    for name, found in ratios.items():
+        if len(found) != 1:
+            continue
+        (ratio,) = found
+        module = model.get_submodule(name)
+        names = tuple(a for a in HEAD_ATTRIBUTES if a not in synced.get(name, ()))
+        _scale_attributes(module, names, ratio, name or type(module).__name__)
+        config = getattr(module, "config", None)
+        if name == "" and config is not None and not isinstance(config, (dict, int, str)):
+            aliases = getattr(config, "attribute_map", {})  # e.g. DistilBERT: num_attention_heads -> n_heads
+            _scale_attributes(config, tuple(f for f in CONFIG_FIELDS if f not in aliases), ratio, "config")
+
+
+def _scale_attributes(owner: object, names: tuple[str, ...], ratio: Fraction, label: str) -> None:
+    for attr in names:
+        value = getattr(owner, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and (value * ratio).denominator == 1:
+            log.debug("%s.%s: %d -> %d", label, attr, value, int(value * ratio))
+            setattr(owner, attr, int(value * ratio))
 
 
 def _scaled_count(count: int, old_width: int, new_width: int, what: str, name: str) -> int:
@@ -189,7 +309,7 @@ def _sync_module(module: nn.Module, old_shapes: Mapping[str, torch.Size], name: 
         width = int(weight.shape[0])
         module.num_groups = _scaled_count(module.num_groups, module.num_channels, width, "group", name)
         module.num_channels = width
-    elif isinstance(module, nn.LayerNorm):
+    elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         module.normalized_shape = tuple(weight.shape)
         if isinstance(module, BlockLayerNorm):
             module.num_blocks = int(weight.shape[-1]) // module.block_size

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..align.stats import is_transposed_linear
 from ..checks import (
     check_models,
     check_weights,
@@ -111,8 +112,21 @@ class _ChannelMoments:
 
 
 def _channel_dim(module: nn.Module) -> int:
-    """Axis of the channels in the module's output: last for Linear, 1 for convolutions and BatchNorm."""
-    return -1 if isinstance(module, nn.Linear) else 1
+    """Axis of the channels in the module's output: last for Linear (also Hugging Face's transposed
+    ``Conv1D``) and LayerNorm/RMSNorm, 1 for convolutions and BatchNorm."""
+    return -1 if isinstance(module, nn.Linear) or is_transposed_linear(module) or _is_affine_norm(module) else 1
+
+
+def _is_affine_norm(module: nn.Module) -> bool:
+    """A LayerNorm or RMSNorm (torch's or a library's ``*RMSNorm``) over the last axis with a per-channel scale."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return False
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def _is_producer(module: nn.Module) -> bool:
+    return isinstance(module, _PRODUCERS) or is_transposed_linear(module) or _is_affine_norm(module)
 
 
 def _check_num_batches(num_batches: int | None) -> None:
@@ -310,7 +324,9 @@ def repair_locations(model: nn.Module, data: Any, layers: Sequence[str] | None =
     """The layers :func:`repair` corrects, in forward execution order.
 
     By default: every BatchNorm with running statistics if the model has any, otherwise every
-    Linear/Conv layer except the last one executed (the output layer). Layers called more than
+    Linear/Conv layer except the last one executed (the output layer) and every LayerNorm/RMSNorm
+    with a per-channel scale (REPAIR for transformers: their affine maps are corrected like a
+    Linear layer's rows). Layers called more than
     once per forward pass (shared weights) are left out, since one correction cannot serve two
     different activation distributions.
 
@@ -326,17 +342,20 @@ def repair_locations(model: nn.Module, data: Any, layers: Sequence[str] | None =
     counts = _call_counts(model, data)
     if layers is not None:
         _check_layer_names(model, layers)
-        bad = [name for name in layers if not isinstance(modules[name], (_BatchNorm, *_PRODUCERS))]
+        bad = [name for name in layers if not (isinstance(modules[name], _BatchNorm) or _is_producer(modules[name]))]
         if bad:
-            raise DataError(f"repair corrects BatchNorm, Linear and Conv layers only; {bad} are not such layers")
+            raise DataError(f"repair corrects BatchNorm, Linear and Conv layers and LayerNorm/RMSNorm only; {bad} are "
+                            f"not such layers")
         chosen = [name for name in counts if name in set(layers)]
         unreached = [name for name in layers if name not in counts]
         if unreached:
             raise DataError(f"the layers {unreached} are not used by the model's forward pass")
     else:
         norms = [n for n in counts if isinstance(modules[n], _BatchNorm) and modules[n].track_running_stats]
-        producers = [n for n in counts if isinstance(modules[n], _PRODUCERS)]
-        chosen = norms if norms else producers[:-1]
+        linear = [n for n in counts if isinstance(modules[n], _PRODUCERS) or is_transposed_linear(modules[n])]
+        # transformers: the hidden Linear layers and every LayerNorm/RMSNorm (its affine map is
+        # corrected like a Linear layer's rows), in execution order
+        chosen = norms if norms else [n for n in counts if (n in linear[:-1]) or _is_affine_norm(modules[n])]
     shared = [name for name in chosen if counts[name] > 1]
     if shared:
         logger.warning("repair: leaving out %s, called more than once per forward pass", shared)
@@ -358,14 +377,15 @@ def _targets(
 
 
 def _correct_producer(layer: nn.Module, stats: ChannelStats, goal_mean: torch.Tensor, goal_std: torch.Tensor) -> None:
-    """Rescale the output rows of a Linear/Conv layer and shift its bias to hit the goal statistics."""
+    """Rescale the output rows of a Linear/Conv layer (the scale of a LayerNorm/RMSNorm) and shift its
+    bias to hit the goal statistics."""
     std = stats.std
     alive = std > _DEAD_STD
     scale = torch.where(alive, goal_std / std.clamp_min(_DEAD_STD), torch.ones_like(std))  # (C,)
     weight = layer.weight.data
-    shape = (-1,) + (1,) * (weight.dim() - 1)
+    shape = (1, -1) if is_transposed_linear(layer) else (-1,) + (1,) * (weight.dim() - 1)
     weight.copy_((weight.double() * scale.view(shape)).to(weight.dtype))
-    if layer.bias is None:
+    if getattr(layer, "bias", None) is None:
         logger.warning("repair: %s has no bias, so only its standard deviations can be matched", layer)
         return
     bias = layer.bias.data
@@ -414,7 +434,7 @@ def repair(
     """REPAIR: give each neuron of ``merged`` the endpoints' mixed activation mean and std.
 
     For every location (see :func:`repair_locations`: the BatchNorm layers, else every hidden
-    Linear/Conv layer), the per-channel mean ``mu_k`` and standard deviation ``sigma_k`` of each
+    Linear/Conv layer and LayerNorm/RMSNorm), the per-channel mean ``mu_k`` and standard deviation ``sigma_k`` of each
     endpoint's output are measured on ``data``, and the goal is ``sum_k w_k mu_k`` and
     ``sum_k w_k sigma_k``. Locations are then corrected one at a time in forward order, each
     measured on ``merged`` after the corrections before it, by an exact per-channel affine map:

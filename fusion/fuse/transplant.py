@@ -44,10 +44,12 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from .._lazy import tp
-from ..checks import describe_shapes, eval_mode, model_device, move_inputs
+from ..align.nested import nesting
+from ..checks import describe_shapes, eval_mode, main_output, model_device, move_inputs, run_model
 from ..errors import DataError, EnsembleError, TraceError
 from ..progress import tqdm
 from ..spec import PermutationGroup, PermutationSpec, permutation_spec
+from ..spec.hf_layers import customized_pruners
 from .concat import (
     BLOCKS,
     GROUPS,
@@ -61,7 +63,7 @@ from .concat import (
     probe_forward,
     read_block,
 )
-from .layers import resize_tensors, set_submodule
+from .layers import owner_of, resize_tensors, restore_norm, set_submodule
 
 tp_function = tp.pruner.function
 
@@ -246,7 +248,23 @@ def _transplant(parts: list[_Part], inputs: Any, spec: PermutationSpec, scorer: 
         log.info("all %d models are identical; nothing to transplant", total)
         return _Part(copy.deepcopy(parts[0].model), total)
     concat = build_concatenation([p.model for p in parts], inputs, spec=spec, weights=[p.count / total for p in parts])
-    return _Part(_prune_to_members(concat, inputs, scorer, progress, keep), total)
+    return _Part(_retie(_prune_to_members(concat, inputs, scorer, progress, keep), parts[0].model), total)
+
+
+def _retie(fused: nn.Module, member: nn.Module) -> nn.Module:
+    """Tie again what the members tie (the concatenation unties a tied output embedding): the fused model
+    has the members' architecture, its output layer reading the transplanted input embedding."""
+    first: dict[int, str] = {}
+    tied = {key: first.setdefault(id(t), key) for key, t in member.state_dict(keep_vars=True).items()}
+    params = dict(fused.named_parameters(remove_duplicate=False))
+    for key in tied:
+        if tied[key] != key and key in params and tied[key] in params and params[key] is not params[tied[key]]:
+            _, module, local = owner_of(fused, key)
+            module._parameters[local] = params[tied[key]]
+    member_config, config = getattr(member, "config", None), getattr(fused, "config", None)
+    if hasattr(member_config, "tie_word_embeddings") and config is not None:
+        config.tie_word_embeddings = member_config.tie_word_embeddings
+    return fused
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,10 +379,12 @@ class _Pruner:
         self.importance = _BlockMagnitude(scorer.p, concat) if scorer.magnitude else scorer.importance
         self.model = concat.model
         self.modules = dict(self.model.named_modules())
-        self.graph = _dependency_graph(self.model, inputs, concat.member_spec)
+        self.graph = _dependency_graph(self.model, inputs, concat.member_spec) \
+            if _traceable_attention(self.modules, concat.member_spec) else None
         self.state = self.model.state_dict()
         self._scores: dict[str, torch.Tensor | None] = {}
         self.links = {link.group.name: link for link in concat.links}
+        self.nested = set(nesting(concat.spec).parent)  # groups inside a unit of another (attention)
 
     # ---- scores -------------------------------------------------------------------------------
 
@@ -375,7 +395,7 @@ class _Pruner:
             module = self.modules.get(name)
             fn = next((f for cls, f in _PRUNE_OUT if isinstance(module, cls)), None)
             member = members.get((f"{name}.weight", _out_axis(module))) if fn is not None else None
-            if member is not None and module in self.graph.module2node:
+            if member is not None and self.graph is not None and module in self.graph.module2node:
                 return name, module, fn, member.index
         return None
 
@@ -484,7 +504,7 @@ class _Pruner:
             owner = self._conv_group_of(link.group)
             if owner is not None and owner[0] in conv_groups:  # follows its conv group
                 decided[link.group.name] = conv_groups[owner[0]][owner[1]]
-            elif link.group.kind in ("head_qk", "head_v"):  # whole heads are chosen by the "heads" group
+            elif link.group.name in self.nested:  # inside a head (or a GQA block): whole heads are chosen there
                 decided[link.group.name] = torch.tensor(True)
         undecided = [link for link in links if link.group.name not in decided]
         if undecided:  # no structure decides: keep the family's best groups
@@ -536,6 +556,21 @@ def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
     return mask
 
 
+def _traceable_attention(modules: dict[str, nn.Module], spec: PermutationSpec) -> bool:
+    """Whether torch-pruning's graph may be traced: attention only as ``nn.MultiheadAttention``.
+
+    Attention built from separate or fused projections (Hugging Face, timm) was laid out by
+    :mod:`fusion.spec.heads` with the graph cut at the attention; a whole-model trace would walk
+    softmax, rotary embeddings and caches (and runs away on LLaMA-style decoders). There every
+    group is scored and pruned through the spec (torch-pruning's magnitude rule, same result).
+    """
+    for group in spec.groups:
+        if group.kind != "channels" and not all(isinstance(modules.get(p), nn.MultiheadAttention)
+                                                for p in group.producers):
+            return False
+    return True
+
+
 def _dependency_graph(model: nn.Module, inputs: Any, spec: PermutationSpec) -> tp.DependencyGraph:
     params = dict(model.named_parameters())
     unwrapped = [(params[m.name], m.axis) for g in spec.groups for m in g.members
@@ -543,7 +578,9 @@ def _dependency_graph(model: nn.Module, inputs: Any, spec: PermutationSpec) -> t
     try:
         with warnings.catch_warnings(), torch.enable_grad(), eval_mode(model):
             warnings.simplefilter("ignore")
-            return tp.DependencyGraph().build_dependency(model, inputs, verbose=False, unwrapped_parameters=unwrapped)
+            return tp.DependencyGraph().build_dependency(  # traced on the main output (ModelOutput logits)
+                model, inputs, forward_fn=run_model, output_transform=main_output, verbose=False,
+                unwrapped_parameters=unwrapped, customized_pruners=customized_pruners(model))
     except Exception as exc:  # torch-pruning raises many kinds of exceptions
         raise TraceError(f"torch-pruning could not trace the concatenated {type(model).__name__} on inputs of shape "
                          f"{describe_shapes(inputs)}: {type(exc).__name__}: {exc}") from exc
@@ -555,11 +592,7 @@ def _prune_to_members(concat: Concatenation, inputs: Any, scorer: _Scorer, progr
     place), and return it."""
     model = concat.model
     for name, original in concat.layer_norms.items():  # the members' LayerNorms, at the wide width
-        block = model.get_submodule(name)
-        norm = copy.deepcopy(original)
-        norm.weight, norm.bias, norm.normalized_shape = block.weight, block.bias, block.normalized_shape
-        norm.train(block.training)
-        set_submodule(model, name, norm)
+        set_submodule(model, name, restore_norm(original, model.get_submodule(name)))
     pruner = _Pruner(concat, inputs, scorer, keep)
     widths = {link.group.name: pruner.width(link) for link in concat.links}
     keep = pruner.select()

@@ -5,6 +5,7 @@ Public names are also re-exported from :mod:`fusion`.
 
 from __future__ import annotations
 
+from ..moments import CrossMoments
 from .bend import ORIGINAL, BendedModule, BendingConfig, Inspector
 from .callbacks import (
     BendingCallback,
@@ -17,7 +18,6 @@ from .callbacks import (
 )
 from .capture import ActivationCapture, features_as_matrix
 from .graphs import merge_graph_modules, set_output
-from .moments import CrossMoments
 from .stitch import (
     STITCH_KINDS,
     StitchedModel,

@@ -13,7 +13,7 @@ chosen node, B's graph gets a new input in place of its chosen node. The stitchi
 * ``"lowrank"``: rank-r affine map fitted by reduced-rank regression (Izenman, 1975).
 
 :func:`fit_stitch` fits the layer in closed form from streamed sufficient statistics (means and
-cross-covariances, :class:`~fusion.inspect.moments.CrossMoments`) so memory does not grow with the
+cross-covariances, :class:`~fusion.moments.CrossMoments`) so memory does not grow with the
 data set, then optionally fine-tunes only the stitching layer by gradient descent. The stitching layers
 are the regressable layers of :mod:`fusion.layers` (:class:`~fusion.layers.RegressableLinear`,
 :class:`~fusion.layers.ProcrustesLinear`, :class:`~fusion.layers.LowRankLinear`) acting on the channel
@@ -42,11 +42,11 @@ from ..checks import (
 )
 from ..errors import DataError, ExampleInputError, StitchError, TraceError
 from ..layers import LowRankLinear, ProcrustesLinear, RegressableLinear
+from ..moments import CrossMoments
 from ..progress import tqdm
 from ..tracking import active_tracker
 from .capture import TracedModel, trace_model
 from .graphs import merge_graph_modules, set_output
-from .moments import CrossMoments
 
 __all__ = [
     "STITCH_KINDS",

@@ -3,7 +3,7 @@
 Usable as ordinary layers (they train by gradient descent like ``nn.Linear`` / ``nn.Conv2d``) and
 settable in closed form from data: ``layer.fit(x, y)`` on one batch, or
 ``layer.fit_moments(moments)`` after streaming batches through ``layer.update_moments(moments, x, y)``
-(:class:`~fusion.inspect.moments.CrossMoments`, memory independent of the data size).
+(:class:`~fusion.moments.CrossMoments`, memory independent of the data size).
 
 * :class:`RegressableLinear`, :class:`RegressableConv2d`: ``nn.Linear`` / ``nn.Conv2d`` with ``fit``;
 * :class:`LowRankLinear`, :class:`LowRankConv2d`: rank-``r`` maps, fitted by reduced-rank regression;

@@ -4,7 +4,7 @@ A regressable layer is an affine map ``y = W d(x) + b`` where ``d(x)`` is the la
 input features themselves for a linear layer, the unfolded input patches for a convolution. Such a
 layer can be set in closed form to approximate any function from (input, target) samples: the
 sufficient statistics are the means and (cross-)scatter matrices of ``d(x)`` and ``y``, streamed with
-:class:`~fusion.inspect.moments.CrossMoments`, so a fit over a whole data set needs memory independent
+:class:`~fusion.moments.CrossMoments`, so a fit over a whole data set needs memory independent
 of its size. Solvers: ordinary/ridge least squares, reduced-rank regression (Izenman, 1975) and the
 orthogonal Procrustes problem with optional scale (Schonemann, 1966).
 """
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError, LayerError
-from ..inspect.moments import CrossMoments
+from ..moments import CrossMoments
 
 __all__ = [
     "Regressable",

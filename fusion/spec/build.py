@@ -13,9 +13,10 @@ from torch import nn
 
 from ..checks import caches_restored, eval_mode, move_inputs
 from ..errors import FusionError, PermutationError, TraceError
-from .attention import _attention_groups
+from ..guard import memory_guard
 from .draft import _draft_group, _first_in_module_order, _groups_from_draft, _Unsupported
 from .graph import _all_groups, _build_graph, _canonical_names, _resolve_ignored
+from .heads import AttentionSearch, find_attention, head_groups, head_refusal, merge_sharing
 from .patterns import second_opinion
 from .records import AxisMember, PermutationGroup, PermutationSpec, SkippedGroup
 from .verify import verify_groups
@@ -111,11 +112,11 @@ def permutation_spec(
             spec, error = None, TraceError(f"building the permutation spec of {type(model).__name__} failed: "
                                            f"{type(exc).__name__}: {exc}")
             error.__cause__ = exc
-        # where torch-pruning refuses units (or cannot trace), the channel flow may cover them (fusion.spec.patterns)
         if not channel_flow:
             if error is not None:
                 raise error
             return spec
+        # where torch-pruning refuses units (or cannot trace), the channel flow may cover them (fusion.spec.patterns)
         return second_opinion(model, example_inputs, spec, error, verify, seed, ignored_layers, unwrapped_parameters,
                               deadline)
 
@@ -135,7 +136,14 @@ def _build_spec(
     model = work
     example_inputs = move_inputs(example_inputs, model_device(work))
     canonical = _canonical_names(work)
-    graph = _build_graph(work, example_inputs, unwrapped, deadline)
+    # attention layers first: their head layouts are read off a float64 probe, and the graph is cut
+    # at their projections (fusion.spec.heads)
+    search = AttentionSearch((), ())
+    if attention_heads:
+        with memory_guard(f"reading the attention layouts of {type(work).__name__}", deadline=deadline):
+            search = find_attention(work, example_inputs, canonical, seed)
+    graph = _build_graph(work, example_inputs, unwrapped, deadline, search.cut_outputs, search.cut_inputs)
+    internal = search.internal_axes
 
     order = {name: i for i, (name, _) in enumerate(work.named_modules())}
     order.update({name: len(order) + i for i, name in enumerate(canonical)})
@@ -152,6 +160,9 @@ def _build_spec(
             continue
         if not draft.entries:
             continue
+        axes = {(e.key, e.axis) for e in draft.entries}
+        if axes <= internal:
+            continue  # attention head dimensions: the head groups below move them
         name = _first_in_module_order([n for n, _ in draft.producers] or [e.key for e in draft.entries], order)
         if draft.out_modules & ignored_names:
             skipped.append(SkippedGroup(name, draft.size, "ignored by the caller (ignored_layers)", "ignored"))
@@ -165,15 +176,15 @@ def _build_spec(
             except Exception as exc:
                 skipped.append(_refusal(name, draft.size, exc))
 
+    groups, refused = merge_sharing(groups)  # tied weights read by several layers (T5's shared embedding)
+    skipped.extend(refused)
     if attention_heads:
-        for name, module in work.named_modules():
-            if isinstance(module, nn.MultiheadAttention) and module in graph.module2node:
-                try:
-                    groups.extend(_attention_groups(name, module, canonical))
-                except Exception as exc:
-                    skipped.append(_refusal(name, module.num_heads, exc))
-            elif isinstance(module, nn.MultiheadAttention):
-                skipped.append(SkippedGroup(name, module.num_heads, "attention layer was not traced", "unsupported"))
+        untraced = {n for n, m in work.named_modules() if isinstance(m, nn.MultiheadAttention) and m not in graph.module2node}
+        skipped.extend(SkippedGroup(n, work.get_submodule(n).num_heads, "attention layer was not traced", "unsupported")
+                       for n in sorted(untraced))
+        heads, refused = head_groups(search, exclude=untraced)
+        groups.extend(heads)
+        skipped.extend(refused)
 
     names = defaultdict(int)
     for g in groups:
@@ -186,11 +197,12 @@ def _build_spec(
     # which act on the head positions after heads are reordered (the groups overlap).
     rank = {"channels": 0, "heads": 1, "head_qk": 2, "head_v": 2}
     groups.sort(key=lambda g: (order.get(g.name.split("[")[0] if g.kind == "channels" else g.producers[0], len(order)),
-                               rank.get(g.kind, 2), g.name))
+                               rank.get(g.kind, 2), not g.name.endswith(".heads"), g.name))
 
     if verify:
+        kinds = {g.name: g.kind for g in groups}
         groups, refused = verify_groups(work, example_inputs, groups, seed)
-        skipped.extend(refused)
+        skipped.extend(head_refusal(s, kinds[s.name]) if s.kind == "verification" else s for s in refused)
 
     return PermutationSpec(tuple(groups), tuple(skipped), shapes, type(model).__name__)
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._lazy import tp
+from .hf_layers import is_transposed_linear
 from .records import AxisMember, PermutationGroup
 from .rules import _axis_rule, _Unsupported
 
@@ -34,6 +35,10 @@ _PASS_THROUGH = {
     tp.ops.OPTYPE.SLICE,
 }
 _LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.MultiheadAttention, nn.RNNBase)
+
+
+def _is_layer(module: nn.Module) -> bool:
+    return isinstance(module, _LAYERS) or is_transposed_linear(module)
 
 
 class _RootMap:
@@ -122,9 +127,9 @@ def _draft_group(graph: tp.DependencyGraph, tp_group: Any, canonical: dict[str, 
         rule = _axis_rule(module, is_out, name)
         if is_out:
             draft.out_modules.add(name)
-            if isinstance(module, _LAYERS):
+            if _is_layer(module):
                 draft.producers.append((name, mapping))
-        elif isinstance(module, _LAYERS):
+        elif _is_layer(module):
             draft.consumers.append((name, mapping))
         if isinstance(module, nn.MultiheadAttention):
             draft.consumers.append((name, mapping))

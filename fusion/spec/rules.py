@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .hf_layers import is_transposed_linear, transposed_linear_rule
+
 
 class _Unsupported(Exception):
     """A construct for which no permutation rule is known (the group is refused)."""
@@ -29,6 +31,10 @@ def _present(module: nn.Module, names: Sequence[str], axis: int) -> list[tuple[s
 
 def _axis_rule(module: nn.Module, is_out: bool, name: str) -> _AxisRule:
     """The tensors/axes moved when the units on ``module``'s output (or input) are permuted."""
+    # --- transformer layers (fusion.spec.hf_layers) ---
+    if is_transposed_linear(module):
+        return _AxisRule(transposed_linear_rule(module, is_out))
+    # --- torch layers ---
     if isinstance(module, nn.Linear):
         return _AxisRule(_present(module, ["weight", "bias"], 0) if is_out else [("weight", 1)])
     if isinstance(module, nn.modules.conv._ConvTransposeNd):

@@ -28,12 +28,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..checks import main_output, split_inputs
 from ..errors import TraceError
 from .records import AxisMember, PermutationGroup, SkippedGroup
 
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 
 #: Relative output difference accepted in float64 on a structural copy (see the module docstring).
 STRUCTURAL_TOLERANCE = 1e-9
+#: Tolerance in float64 when the model computes parts in float32 itself (Hugging Face RMSNorm).
+MIXED_PRECISION_TOLERANCE = 1e-5
 #: Tolerance per dtype when the model cannot run in float64 (its own dtype, re-drawn weights).
 FALLBACK_TOLERANCE = {torch.float64: STRUCTURAL_TOLERANCE, torch.float32: 1e-4, torch.float16: 2e-2,
                       torch.bfloat16: 2e-2}
@@ -74,11 +77,14 @@ def _output_tensors(out: Any) -> list[torch.Tensor]:
 
 
 def relative_difference(out_a: Any, out_b: Any) -> float:
-    """max |a - b| / max |a| over all floating tensors of two (nested) model outputs.
+    """max |a - b| / max |a| between the main tensors of two model outputs.
 
-    Non-finite values count as an infinite difference unless both outputs hold them at the same places.
+    Outputs may be tensors, tuples, mappings or Hugging Face ``ModelOutput``s; both are compared on
+    :func:`fusion.checks.main_output` (logits, else the first floating tensor), so caches and
+    auxiliary tensors are not compared. Non-finite values count as an infinite difference unless
+    both outputs hold them at the same places.
     """
-    tensors_a, tensors_b = _output_tensors(out_a), _output_tensors(out_b)
+    tensors_a, tensors_b = _output_tensors(main_output(out_a)), _output_tensors(main_output(out_b))
     if len(tensors_a) != len(tensors_b) or not tensors_a:
         raise ValueError("the two outputs do not have the same structure of floating tensors")
     diff = scale = 0.0
@@ -235,7 +241,7 @@ def fresh_inputs(example_inputs: Any, seed: int = 0, dtype: torch.dtype | None =
                 low, high = int(value.min()), int(value.max())
                 return torch.randint(low, high + 1, value.shape, generator=generator).to(value.device, value.dtype)
             return value
-        if isinstance(value, dict):
+        if isinstance(value, Mapping):
             return {k: draw(v, str(k)) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return type(value)(draw(v, key) for v in value)
@@ -250,7 +256,7 @@ def _cast(value: Any, dtype: torch.dtype | None) -> Any:
         return value
     if isinstance(value, torch.Tensor):
         return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return {k: _cast(v, dtype) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_cast(v, dtype) for v in value)
@@ -260,26 +266,36 @@ def _cast(value: Any, dtype: torch.dtype | None) -> Any:
 def _flat_tensors(value: Any) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         value = list(value.values())
     if isinstance(value, (list, tuple)):
         return [t for v in value for t in _flat_tensors(v)]
     return []
 
 
-def _as_args(inputs: Any) -> tuple:
-    if isinstance(inputs, dict):
-        return ()
-    return tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
-
-
-def _as_kwargs(inputs: Any) -> dict:
-    return dict(inputs) if isinstance(inputs, dict) else {}
-
-
 # --------------------------------------------------------------------------------------------
 # The verifier
 # --------------------------------------------------------------------------------------------
+
+
+def _computes_in_lower_precision(model: nn.Module, inputs: Any) -> bool:
+    """Whether a float64 model's forward on ``inputs`` produces any float32/16 floating tensor."""
+    from torch.overrides import TorchFunctionMode
+
+    class _Watch(TorchFunctionMode):
+        lower = False
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+                    _Watch.lower = True
+            return out
+
+    args, kwargs = split_inputs(inputs)
+    with torch.no_grad(), _Watch():
+        model(*args, **kwargs)
+    return _Watch.lower
 
 
 class StructuralVerifier:
@@ -297,6 +313,8 @@ class StructuralVerifier:
     #: Re-draws tried when the copy's output does not depend on its input (e.g. every ReLU of a narrow
     #: layer dead on the few samples), which would make every permutation pass.
     REDRAWS = 3
+    #: Groups this small get permutations that can coincide (see :meth:`failing`).
+    SMALL_GROUP = 3
 
     def __init__(self, model: nn.Module, example_inputs: Any, seed: int = 0):
         from ..checks import model_dtype
@@ -313,7 +331,7 @@ class StructuralVerifier:
                 except Exception as exc:  # the copy does not run in this dtype
                     problem = f"{dtype}: {type(exc).__name__}: {exc}"
                     break
-                finite = all(bool(torch.isfinite(t).all()) for ref in self.references for t in _output_tensors(ref))
+                finite = all(bool(torch.isfinite(t).all()) for ref in self.references for t in _output_tensors(main_output(ref)))
                 problem = None if finite else f"{dtype}: the re-drawn copy gives non-finite outputs"
                 if finite and self._sensitive():
                     break
@@ -338,6 +356,10 @@ class StructuralVerifier:
                        move_inputs(fresh_inputs(example_inputs, seed + 1, dtype), device)]
         self.references = [self._forward({}, x) for x in self.inputs]
         self.dtype, self.tol = dtype, FALLBACK_TOLERANCE.get(dtype, 1e-4)
+        if dtype == torch.float64 and _computes_in_lower_precision(self.model, self.inputs[0]):
+            # Hugging Face's RMSNorm / T5LayerNorm compute in float32 even in a float64 model:
+            # rounding is then ~1e-7, wrong couplings stay >= 1e-4
+            self.tol = MIXED_PRECISION_TOLERANCE
         self.state = self.model.state_dict()
 
     def _sensitive(self) -> bool:
@@ -352,7 +374,7 @@ class StructuralVerifier:
 
     def _forward(self, tensors: dict[str, torch.Tensor], inputs: Any) -> Any:
         with torch.no_grad():
-            return torch.func.functional_call(self.model, tensors, _as_args(inputs), _as_kwargs(inputs), strict=False)
+            return torch.func.functional_call(self.model, tensors, *split_inputs(inputs), strict=False)
 
     def difference(self, groups: Sequence[PermutationGroup], perms: dict[str, torch.Tensor] | None = None) -> float:
         """Largest relative output change over both inputs when ``groups`` are permuted by ``perms``
@@ -379,10 +401,19 @@ class StructuralVerifier:
     def failing(self, groups: Sequence[PermutationGroup]) -> dict[str, float]:
         """Groups whose random permutation changes the output, found by bisection.
 
-        Groups that fail only together (each half passes alone) are resolved by adding the groups
-        one at a time; the returned complement always passes as a whole.
+        Every group is permuted by a random cycle. Two wrongly split groups of 2 units (torch.chunk's
+        halves mapped to the wrong consumers) both get the only 2-cycle, a swap, and their joint swap
+        is a true symmetry although each alone is not; so the groups of at most
+        :attr:`SMALL_GROUP` units are also checked in rounds that permute only those whose position
+        in the list has bit ``b`` set: any two of them differ in some bit, so one is permuted
+        without the other. Groups that fail only together (each half passes alone) are resolved by
+        adding the groups one at a time; the returned complement always passes as a whole.
         """
         failing = self._bisect(list(groups), None)
+        small = [g for g in groups if g.size <= self.SMALL_GROUP]
+        for bit in range(max(len(small) - 1, 0).bit_length()):
+            chosen = [g for i, g in enumerate(small) if i >> bit & 1 and g.name not in failing]
+            failing.update(self._bisect(chosen, None))
         accepted = [g for g in groups if g.name not in failing]
         if not failing or self.passes(accepted):
             return failing

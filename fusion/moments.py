@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import describe_shapes
-from ..errors import DataError
+from .checks import describe_shapes
+from .errors import DataError
 
 __all__ = ["CrossMoments"]
 
