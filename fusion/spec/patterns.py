@@ -199,7 +199,10 @@ def second_opinion(
     # torch-pruning refused part of this model, so it was confused somewhere: on a tie, trust the flow
     # (a wrong coupling next to the refused one can pass verification by chance, e.g. two swapped
     # split parts permuted by the same cycle)
-    if spec is not None and moved_elements(list(spec.groups), shapes) > moved_elements(groups, shapes):
+    # (the flow has no head groups: a tie with a head-aware spec keeps the heads)
+    tp_moved, flow_moved = moved_elements(list(spec.groups), shapes) if spec is not None else -1, moved_elements(groups, shapes)
+    if spec is not None and (tp_moved > flow_moved or (tp_moved == flow_moved and
+                                                       any(g.kind != "channels" for g in spec.groups))):
         return spec
     log.info("%s: the channel flow's %d groups replace torch-pruning's", type(model).__name__, len(groups))
     return PermutationSpec(tuple(groups), tuple(skipped), shapes, type(model).__name__)
