@@ -15,13 +15,14 @@ setup(
     long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fusion", "fusion.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
         line.strip()
         for line in (here / "requirements.txt").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6", "pyyaml>=5", "transformers>=4.40", "timm>=0.9"],
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "pyyaml>=5", "transformers>=4.40", "timm>=0.9",
+                             "mlflow-skinny>=2.10"],
                     "yaml": ["pyyaml>=5"], "hf": ["transformers>=4.40", "timm>=0.9"],
                     "mlflow": ["mlflow-skinny>=2.10"],
                     "merge": ["pyyaml>=5", "safetensors>=0.4", "transformers>=4.40"]},
