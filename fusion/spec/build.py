@@ -14,9 +14,10 @@ from torch import nn
 from ..checks import caches_restored, eval_mode, move_inputs
 from ..errors import FusionError, PermutationError, TraceError
 from ..guard import memory_guard
+from .attention_probe import AttentionSearch, find_attention
 from .draft import _draft_group, _first_in_module_order, _groups_from_draft, _Unsupported
 from .graph import _all_groups, _build_graph, _canonical_names, _resolve_ignored
-from .heads import AttentionSearch, find_attention, head_groups, head_refusal, merge_sharing
+from .heads import head_groups, head_refusal, merge_sharing
 from .patterns import second_opinion
 from .records import AxisMember, PermutationGroup, PermutationSpec, SkippedGroup
 from .verify import verify_groups
