@@ -21,15 +21,9 @@ from fusion.errors import (
     NonFiniteWeightsError,
 )
 from fusion.fuse.concat import build_concatenation
-from fusion.fuse.transplant import (
-    _importance,
-    _out_axis,
-    _Pruner,
-    _top,
-    fuse_ensemble,
-    fuse_hierarchical,
-    fuse_iterative,
-)
+from fusion.fuse.transplant import fuse_ensemble, fuse_hierarchical, fuse_iterative
+from fusion.fuse.transplant_importance import _importance
+from fusion.fuse.transplant_prune import _out_axis, _Pruner, _top
 from fusion.models import MLP
 from fusion.spec import relative_difference
 
