@@ -193,19 +193,41 @@ def second_opinion(
             raise error from exc
         return spec
     if verify:
-        groups, refused = verify_groups(model, example_inputs, groups, seed)
-        skipped = skipped + refused
+        # The flow's groups are checked on two independently re-drawn copies: on one copy a wrong
+        # coupling of a few units can hide behind units that happen to be dead on the check's inputs.
+        for copy_seed in (seed, seed + 1):
+            groups, refused = verify_groups(model, example_inputs, groups, copy_seed)
+            skipped = skipped + refused
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if spec is not None and any(g.kind != "channels" for g in spec.groups):
+        groups, skipped = _with_heads(model, example_inputs, spec, groups, skipped, verify, seed)
     # torch-pruning refused part of this model, so it was confused somewhere: on a tie, trust the flow
     # (a wrong coupling next to the refused one can pass verification by chance, e.g. two swapped
-    # split parts permuted by the same cycle)
-    # (the flow has no head groups: a tie with a head-aware spec keeps the heads)
+    # split parts permuted by the same cycle); a tie with a head-aware spec keeps the heads
     tp_moved, flow_moved = moved_elements(list(spec.groups), shapes) if spec is not None else -1, moved_elements(groups, shapes)
     if spec is not None and (tp_moved > flow_moved or (tp_moved == flow_moved and
                                                        any(g.kind != "channels" for g in spec.groups))):
         return spec
     log.info("%s: the channel flow's %d groups replace torch-pruning's", type(model).__name__, len(groups))
     return PermutationSpec(tuple(groups), tuple(skipped), shapes, type(model).__name__)
+
+
+def _with_heads(model: nn.Module, example_inputs: Any, spec: PermutationSpec, groups: list[PermutationGroup],
+                skipped: list[SkippedGroup], verify: bool, seed: int) -> tuple[list[PermutationGroup], list[SkippedGroup]]:
+    """torch-pruning's head-aware groups plus the flow's groups on tensor axes none of them moves
+    (e.g. a residual stream torch-pruning refused), verified together: the flow has no head groups."""
+    taken = {(m.name, m.axis) for g in spec.groups for m in g.members}
+    names = {g.name for g in spec.groups}
+    extra = [g for g in groups if g.name not in names and not any((m.name, m.axis) in taken for m in g.members)]
+    if not extra:
+        return groups, skipped
+    combined = list(spec.groups) + extra
+    refused: list[SkippedGroup] = []
+    if verify:
+        combined, refused = verify_groups(model, example_inputs, combined, seed)
+    covered = {g.name for g in combined}
+    kept = [s for s in spec.skipped if s.name not in covered]
+    return combined, kept + refused
 
 
 def _ignored_names(model: nn.Module, ignored_layers: Sequence[str | nn.Module] | None) -> set[str]:
