@@ -401,7 +401,7 @@ def test_out_of_range_mapping_is_refused_as_unmapped_not_raised():
 
 
 def test_indices_are_checked_against_shapes_and_overlaps():
-    from fusion.spec.build import _check_indices
+    from fusion.spec.indices import check_indices
 
     shapes = {"a.weight": (4, 3), "b.weight": (2, 4)}
     ok = fusion.PermutationGroup("ok", 2, (fusion.AxisMember("a.weight", 0, torch.tensor([[0], [1]])),))
@@ -409,7 +409,7 @@ def test_indices_are_checked_against_shapes_and_overlaps():
     outside = fusion.PermutationGroup("outside", 2, (fusion.AxisMember("b.weight", 1, torch.tensor([[3], [4]])),))
     repeated = fusion.PermutationGroup("repeated", 2, (fusion.AxisMember("b.weight", 1, torch.tensor([[0], [0]])),))
     unknown = fusion.PermutationGroup("unknown", 2, (fusion.AxisMember("c.weight", 0, torch.tensor([[0], [1]])),))
-    accepted, refused = _check_indices([ok, clash, outside, repeated, unknown], shapes)
+    accepted, refused = check_indices([ok, clash, outside, repeated, unknown], shapes)
     assert [g.name for g in accepted] == ["ok"]
     assert {s.name: s.kind for s in refused} == dict.fromkeys(["clash", "outside", "repeated", "unknown"], "unmapped")
 

@@ -8,7 +8,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..checks import caches_restored, eval_mode, move_inputs
@@ -18,8 +17,9 @@ from .attention_probe import AttentionSearch, find_attention
 from .draft import _draft_group, _first_in_module_order, _groups_from_draft, _Unsupported
 from .graph import _all_groups, _build_graph, _canonical_names, _resolve_ignored
 from .heads import head_groups, head_refusal, merge_sharing
+from .indices import check_indices
 from .patterns import second_opinion
-from .records import AxisMember, PermutationGroup, PermutationSpec, SkippedGroup
+from .records import PermutationGroup, PermutationSpec, SkippedGroup
 from .verify import verify_groups
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def _build_spec(
         names[g.name] += 1
     groups = _unique_names(groups, names)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    groups, unmapped = _check_indices(groups, shapes)
+    groups, unmapped = check_indices(groups, shapes)
     skipped.extend(unmapped)
     # Module order; an attention layer's whole-head group comes before its within-head groups,
     # which act on the head positions after heads are reordered (the groups overlap).
@@ -215,49 +215,6 @@ def _refusal(name: str, size: int, exc: Exception) -> SkippedGroup:
     log.debug("group %s refused: %s: %s", name, type(exc).__name__, exc)
     return SkippedGroup(name, size, f"the units' index mapping could not be built ({type(exc).__name__}: {exc})",
                         "unmapped")
-
-
-def _member_problem(member: AxisMember, size: int, shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """Why a member's index cannot be applied to its tensor (None if it can)."""
-    shape = shapes.get(member.name)
-    if shape is None:
-        return f"{member.name} is not a tensor of the model's state dict"
-    if not 0 <= member.axis < len(shape):
-        return f"{member.name} of shape {shape} has no axis {member.axis}"
-    index = member.index
-    if index.dim() != 2 or index.shape[0] != size or index.shape[1] < 1 or index.dtype != torch.long:
-        return f"the index of {member.name} has shape {tuple(index.shape)}, not ({size}, block)"
-    if int(index.min()) < 0 or int(index.max()) >= shape[member.axis]:
-        return (f"positions {int(index.min())}..{int(index.max())} of {member.name} (axis {member.axis}) are out of "
-                f"range for length {shape[member.axis]}")
-    if index.unique().numel() != index.numel():
-        return f"one position of {member.name} (axis {member.axis}) belongs to several units"
-    return None
-
-
-def _check_indices(groups: list[PermutationGroup], shapes: dict[str, tuple[int, ...]]
-                   ) -> tuple[list[PermutationGroup], list[SkippedGroup]]:
-    """Refuse (kind ``"unmapped"``) groups whose indices do not fit their tensors, or that move positions
-    of a tensor axis another channel group already moves (attention groups overlap by design)."""
-    accepted, refused = [], []
-    taken: dict[tuple[str, int], torch.Tensor] = {}
-    for group in groups:
-        problem = next((p for m in group.members if (p := _member_problem(m, group.size, shapes))), None)
-        if problem is None and group.kind == "channels":
-            clash = next((m for m in group.members if (m.name, m.axis) in taken
-                          and bool(taken[(m.name, m.axis)][m.index.reshape(-1)].any())), None)
-            if clash is not None:
-                problem = f"positions of {clash.name} (axis {clash.axis}) are also moved by another group"
-        if problem is not None:
-            refused.append(SkippedGroup(group.name, group.size, f"torch-pruning maps these units inconsistently: "
-                                        f"{problem}", "unmapped"))
-            continue
-        accepted.append(group)
-        if group.kind == "channels":
-            for m in group.members:
-                mask = taken.setdefault((m.name, m.axis), torch.zeros(shapes[m.name][m.axis], dtype=torch.bool))
-                mask[m.index.reshape(-1)] = True
-    return accepted, refused
 
 
 def _unique_names(groups: list[PermutationGroup], counts: dict[str, int]) -> list[PermutationGroup]:

@@ -34,6 +34,7 @@ from ..errors import ExampleInputError, TraceError
 from ..guard import memory_guard
 from .draft import _first_in_module_order
 from .graph import _canonical_names, _resolve_ignored
+from .indices import check_indices
 from .patterns_flow import FIXED, OUTPUT_REASON, Flow, trace_flow
 from .records import AxisMember, PermutationGroup, PermutationSpec, SkippedGroup
 from .verify import verify_groups
@@ -192,13 +193,15 @@ def second_opinion(
         if spec is None:
             raise error from exc
         return spec
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    groups, unmapped = check_indices(groups, shapes, source="the channel flow")
+    skipped = skipped + unmapped
     if verify:
         # The flow's groups are checked on two independently re-drawn copies: on one copy a wrong
         # coupling of a few units can hide behind units that happen to be dead on the check's inputs.
         for copy_seed in (seed, seed + 1):
             groups, refused = verify_groups(model, example_inputs, groups, copy_seed)
             skipped = skipped + refused
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if spec is not None and any(g.kind != "channels" for g in spec.groups):
         groups, skipped = _with_heads(model, example_inputs, spec, groups, skipped, verify, seed)
     # torch-pruning refused part of this model, so it was confused somewhere: on a tie, trust the flow

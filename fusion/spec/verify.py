@@ -496,23 +496,13 @@ def verify_groups(model: nn.Module, example_inputs: Any, groups: Sequence[Permut
     except TraceError as exc:
         reason = f"not verified: {exc}; pass verify=False to accept the graph's groups unchecked"
         return [], [SkippedGroup(g.name, g.size, reason, "trace") for g in groups]
-    shapes = {k: tuple(v.shape) for k, v in verifier.state.items()}
-    # A member naming no state-dict tensor (a computed attribute such as a weight-norm
-    # parametrization's ``weight``) would be moved in the check but never by ``permute``.
-    skipped = []
-    for group in groups:
-        missing = [m.name for m in group.members if m.name not in shapes]
-        if missing:
-            skipped.append(SkippedGroup(group.name, group.size, f"{missing[0]} is not a tensor of the state dict "
-                                        "(computed in the forward); moving its stored parameters is not derived",
-                                        "unmapped"))
-    unmapped = {s.name for s in skipped}
-    groups = [g for g in groups if g.name not in unmapped]
     failing = verifier.failing(groups)
     if not failing:
-        return list(groups), skipped
+        return list(groups), []
     log.warning("refusing %d permutation group(s) that change the function of the structural copy: %s",
                 len(failing), sorted(failing))
+    shapes = {k: tuple(v.shape) for k, v in verifier.state.items()}
+    skipped = []
     moved = {(m.name, m.axis) for g in groups for m in g.members}
     for group in (g for g in groups if g.name in failing):
         tensor = verifier.repairing_tensor(group, _unmoved_candidates(group, shapes, moved)[:_MAX_CANDIDATES])
